@@ -1,0 +1,272 @@
+// AVX2 + FMA variant of the CPU kernels. This translation unit alone is compiled with
+// -mavx2 -mfma; it only runs after cpu_kernel.cc checked the CPU at run time.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "block_quant.h"
+
+namespace onnxfgq {
+namespace {
+
+inline float HorizontalSum(__m256 v) {
+  const __m128 lo = _mm256_castps256_ps128(v);
+  const __m128 hi = _mm256_extractf128_ps(v, 1);
+  __m128 s = _mm_add_ps(lo, hi);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256i TailMask(int64_t valid) {  // lanes [0, valid) set
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), lanes);
+}
+
+// Turns the `bits` bytes holding 8 consecutive codes (the first at a byte boundary) into
+// 8 int32 lanes. Eight codes of b bits are exactly b bytes, and each code spans at most two
+// bytes, so one byte shuffle + one variable shift + one mask decodes any width.
+struct Decoder {
+  int bits;
+  __m256i shuffle;  // per 32-bit lane: the two bytes holding the code
+  __m256i shift;    // per lane: bit offset of the code inside those two bytes
+  __m256i mask;
+
+  explicit Decoder(int b) : bits(b) {
+    alignas(32) int8_t ctrl[32];
+    alignas(32) int32_t sh[8];
+    for (int i = 0; i < 8; ++i) {
+      const int first_bit = i * b;
+      const int byte = first_bit / 8;
+      const int half = i / 4;  // lanes 4..7 live in the upper 128-bit half
+      int8_t* c = ctrl + half * 16 + (i % 4) * 4;
+      c[0] = static_cast<int8_t>(byte);
+      c[1] = static_cast<int8_t>(byte + 1 < 8 ? byte + 1 : 0x80);
+      c[2] = static_cast<int8_t>(0x80);
+      c[3] = static_cast<int8_t>(0x80);
+      sh[i] = first_bit % 8;
+    }
+    shuffle = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctrl));
+    shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(sh));
+    mask = _mm256_set1_epi32((1 << b) - 1);
+  }
+
+  // Generic: any width, from a 64-bit word that holds the chunk in its low bytes.
+  inline __m256i FromWord(uint64_t word) const {
+    const __m256i v = _mm256_set1_epi64x(static_cast<long long>(word));
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, shuffle), shift), mask);
+  }
+
+  // Full chunk of 8 codes starting at code k (k % 8 == 0, k + 8 <= K).
+  template <int BITS>
+  inline __m256i Full(const uint8_t* row, const uint8_t* row_end, int64_t k) const {
+    if constexpr (BITS == 4) {
+      int32_t word;
+      std::memcpy(&word, row + k / 2, 4);
+      const __m256i v = _mm256_set1_epi32(word);
+      return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                              _mm256_set1_epi32(0xF));
+    } else if constexpr (BITS == 2) {
+      uint16_t word;
+      std::memcpy(&word, row + k / 4, 2);
+      const __m256i v = _mm256_set1_epi32(word);
+      return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                              _mm256_set1_epi32(0x3));
+    } else if constexpr (BITS == 8) {
+      return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
+    } else {
+      return FromWord(Load8Bytes(row + (k / 8) * bits, row_end));
+    }
+  }
+
+  // Any chunk, including the last partial one (lanes past K hold padding zeros).
+  inline __m256i Safe(const uint8_t* row, const uint8_t* row_end, int64_t k) const {
+    return FromWord(Load8Bytes(row + (k / 8) * bits, row_end));
+  }
+};
+
+// Decode path with block_size % 8 == 0: every 8-code chunk sits in one group, so codes are
+// decoded in registers, turned into weights with one FMA and used for all MR rows of A.
+template <int BITS, int MR>
+void ColumnFused(const CpuProblem& p, const Decoder& dec, int64_t n, const float* s, const float* o,
+                 const float* a, float* y) {
+  const uint8_t* row = p.b + n * p.row_bytes;
+  const uint8_t* row_end = row + p.row_bytes;
+  const int64_t K = p.k;
+  const int64_t k_full = K & ~int64_t{7};
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.block_size;
+    const int64_t k1 = std::min(K, k0 + p.block_size);
+    const int64_t k1_full = std::min(k1, k_full);
+    const __m256 sv = _mm256_set1_ps(s[g]);
+    const __m256 ov = _mm256_set1_ps(o[g]);
+    int64_t k = k0;
+    for (; k < k1_full; k += 8) {
+      const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(row, row_end, k)), sv, ov);
+      for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a + r * K + k), acc[r]);
+    }
+    if (k < k1) {  // last partial chunk of the row
+      const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Safe(row, row_end, k)), sv, ov);
+      const __m256i m = TailMask(K - k);
+      for (int r = 0; r < MR; ++r)
+        acc[r] = _mm256_fmadd_ps(w, _mm256_maskload_ps(a + r * K + k, m), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) y[r * p.n] = HorizontalSum(acc[r]);
+}
+
+// Dequantised weights of column n into w[0, K) (any block size), zero-padded to a multiple of 8.
+void DequantRow(const CpuProblem& p, const Decoder& dec, int64_t n, const float* s, const float* o,
+                float* cbuf, float* w) {
+  const uint8_t* row = p.b + n * p.row_bytes;
+  const uint8_t* row_end = row + p.row_bytes;
+  const int64_t K = p.k;
+  for (int64_t k = 0; k < K; k += 8)
+    _mm256_storeu_ps(cbuf + k, _mm256_cvtepi32_ps(dec.Safe(row, row_end, k)));
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.block_size;
+    const int64_t k1 = std::min(K, k0 + p.block_size);
+    const __m256 sv = _mm256_set1_ps(s[g]);
+    const __m256 ov = _mm256_set1_ps(o[g]);
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) _mm256_storeu_ps(w + k, _mm256_fmadd_ps(_mm256_loadu_ps(cbuf + k), sv, ov));
+    for (; k < k1; ++k) w[k] = cbuf[k] * s[g] + o[g];
+  }
+  for (int64_t k = K; k < ((K + 7) & ~int64_t{7}); ++k) w[k] = 0.0f;
+}
+
+template <int MR>
+void DotRows(const float* a, int64_t K, const float* w, float* y, int64_t y_stride) {
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + k);
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a + r * K + k), acc[r]);
+  }
+  if (k < K) {
+    const __m256i m = TailMask(K - k);
+    const __m256 wv = _mm256_loadu_ps(w + k);
+    for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(a + r * K + k, m), acc[r]);
+  }
+  for (int r = 0; r < MR; ++r) y[r * y_stride] = HorizontalSum(acc[r]);
+}
+
+template <int BITS>
+void ColumnsFusedRows(const CpuProblem& p, const Decoder& dec, int64_t n, const float* s, const float* o) {
+  for (int64_t m0 = 0; m0 < p.m; m0 += 8) {
+    const float* a = p.a + m0 * p.k;
+    float* y = p.y + m0 * p.n + n;
+    switch (std::min<int64_t>(8, p.m - m0)) {
+      case 1: ColumnFused<BITS, 1>(p, dec, n, s, o, a, y); break;
+      case 2: ColumnFused<BITS, 2>(p, dec, n, s, o, a, y); break;
+      case 3: ColumnFused<BITS, 3>(p, dec, n, s, o, a, y); break;
+      case 4: ColumnFused<BITS, 4>(p, dec, n, s, o, a, y); break;
+      case 5: ColumnFused<BITS, 5>(p, dec, n, s, o, a, y); break;
+      case 6: ColumnFused<BITS, 6>(p, dec, n, s, o, a, y); break;
+      case 7: ColumnFused<BITS, 7>(p, dec, n, s, o, a, y); break;
+      default: ColumnFused<BITS, 8>(p, dec, n, s, o, a, y); break;
+    }
+  }
+}
+
+// Register-blocked MR x NR dot products over k in [k0, k1) against a zero-padded tile.
+template <int MR, int NR>
+void MicroKernel(const float* a, int64_t K, const float* tile, int64_t tile_stride, int64_t k0, int64_t k1,
+                 bool first, float* y, int64_t y_stride) {
+  __m256 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    __m256 av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = _mm256_loadu_ps(a + r * K + k);
+    for (int c = 0; c < NR; ++c) {
+      const __m256 wv = _mm256_loadu_ps(tile + c * tile_stride + k);
+      for (int r = 0; r < MR; ++r) acc[r][c] = _mm256_fmadd_ps(av[r], wv, acc[r][c]);
+    }
+  }
+  if (k < k1) {
+    const __m256i m = TailMask(k1 - k);
+    __m256 av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = _mm256_maskload_ps(a + r * K + k, m);
+    for (int c = 0; c < NR; ++c) {
+      const __m256 wv = _mm256_loadu_ps(tile + c * tile_stride + k);
+      for (int r = 0; r < MR; ++r) acc[r][c] = _mm256_fmadd_ps(av[r], wv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+      const float v = HorizontalSum(acc[r][c]);
+      y[r * y_stride + c] = first ? v : y[r * y_stride + c] + v;
+    }
+}
+
+template <int NR>
+void MicroRows(const CpuProblem& p, const float* tile, int64_t stride, int64_t n, int64_t k0, int64_t k1,
+               bool first) {
+  int64_t m = 0;
+  for (; m + 4 <= p.m; m += 4)
+    MicroKernel<4, NR>(p.a + m * p.k, p.k, tile, stride, k0, k1, first, p.y + m * p.n + n, p.n);
+  for (; m < p.m; ++m)
+    MicroKernel<1, NR>(p.a + m * p.k, p.k, tile, stride, k0, k1, first, p.y + m * p.n + n, p.n);
+}
+
+}  // namespace
+
+void ColumnsAvx2(const CpuProblem& p, int64_t n0, int64_t n1, float* scratch) {
+  const Decoder dec(p.bits);
+  float* s = scratch;
+  float* o = s + p.groups;
+  float* cbuf = o + p.groups;
+  float* w = cbuf + p.k + 64;
+  const bool fused = p.block_size % 8 == 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    ColumnParams(p, n, s, o);
+    if (fused) {
+      switch (p.bits) {
+        case 2: ColumnsFusedRows<2>(p, dec, n, s, o); break;
+        case 4: ColumnsFusedRows<4>(p, dec, n, s, o); break;
+        case 8: ColumnsFusedRows<8>(p, dec, n, s, o); break;
+        default: ColumnsFusedRows<0>(p, dec, n, s, o); break;
+      }
+      continue;
+    }
+    DequantRow(p, dec, n, s, o, cbuf, w);
+    for (int64_t m0 = 0; m0 < p.m; m0 += 4) {
+      const float* a = p.a + m0 * p.k;
+      float* y = p.y + m0 * p.n + n;
+      switch (std::min<int64_t>(4, p.m - m0)) {
+        case 1: DotRows<1>(a, p.k, w, y, p.n); break;
+        case 2: DotRows<2>(a, p.k, w, y, p.n); break;
+        case 3: DotRows<3>(a, p.k, w, y, p.n); break;
+        default: DotRows<4>(a, p.k, w, y, p.n); break;
+      }
+    }
+  }
+}
+
+void TileAvx2(const CpuProblem& p, int64_t n0, int64_t n1, float* scratch) {
+  const Decoder dec(p.bits);
+  const int64_t stride = (p.k + 7) & ~int64_t{7};
+  float* s = scratch;
+  float* o = s + p.groups;
+  float* cbuf = o + p.groups;
+  float* tile = cbuf + p.k + 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    ColumnParams(p, n, s, o);
+    DequantRow(p, dec, n, s, o, cbuf, tile + (n - n0) * stride);
+  }
+  // K blocks keep the NR weight rows in L1 while A's rows stream through.
+  constexpr int64_t kBlock = 256;
+  for (int64_t k0 = 0; k0 < p.k; k0 += kBlock) {
+    const int64_t k1 = std::min(p.k, k0 + kBlock);
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) MicroRows<2>(p, tile + (n - n0) * stride, stride, n, k0, k1, k0 == 0);
+    for (; n < n1; ++n) MicroRows<1>(p, tile + (n - n0) * stride, stride, n, k0, k1, k0 == 0);
+  }
+}
+
+}  // namespace onnxfgq

@@ -1,0 +1,151 @@
+"""The one entry point: ``quantize(model_or_path, config)``.
+
+Data flows one way: targets (graph) -> weights (algorithms on quant/) -> nodes (graph emitters).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxfgq.algorithms import QuantizedWeight, QuantSpec, make_quantizer
+from onnxfgq.config import Granularity, OutputFormat, QuantizeConfig
+from onnxfgq.errors import NothingToQuantizeError
+from onnxfgq.graph import io, passes
+from onnxfgq.graph.emit import make_emitter
+from onnxfgq.graph.targets import Target, find_targets
+from onnxfgq.quant import sqnr_db
+from onnxfgq.report import LayerReport, Report
+
+ModelLike = str | os.PathLike | ir.Model | onnx.ModelProto
+Progress = Callable[[Iterable, int, str], Iterable]
+
+QDQ_OPSET = 21  # blocked DequantizeLinear and int4 types
+
+
+def _no_progress(items: Iterable, total: int, label: str) -> Iterable:
+    del total, label
+    return items
+
+
+@dataclass
+class QuantizeResult:
+    model: ir.Model
+    report: Report = field(default_factory=Report)
+
+
+def load_model(model: ModelLike) -> ir.Model:
+    """An ``ir.Model`` that the caller's object does not share (inputs are never modified)."""
+    if isinstance(model, ir.Model):
+        return ir.from_proto(ir.to_proto(model))
+    if isinstance(model, onnx.ModelProto):
+        return ir.from_proto(copy.deepcopy(model))
+    return io.load(model)
+
+
+def _describe_block(target: Target, qw: QuantizedWeight) -> str:
+    bs = qw.qparams.block_shape
+    shape = qw.codes.shape
+    red, chan = target.quant_axes
+    if all(b >= d for b, d in zip(bs, shape)):
+        return "tensor"
+    if bs[chan] == 1 and all(b >= d for i, (b, d) in enumerate(zip(bs, shape)) if i != chan):
+        return "channel"
+    return f"g{bs[red]}"
+
+
+def quantize(
+    model: ModelLike,
+    config: QuantizeConfig | None = None,
+    *,
+    progress: Progress = _no_progress,
+) -> QuantizeResult:
+    """Quantize the weights of ``model`` as ``config`` says; returns the new model and a report.
+
+    The input (path or object) is never modified.
+    """
+    config = config or QuantizeConfig()
+    config.validate()
+    started = time.perf_counter()
+    report = Report(config=_plain(config))
+    ir_model = load_model(model)
+    if config.simplify:
+        simplified = io.simplify(ir_model)
+        ir_model = simplified.model
+        report.notes.append(simplified.note)
+    wc = config.weights
+    fmt = wc.resolved_format()
+    if fmt is OutputFormat.QDQ:
+        note = passes.upgrade_opset(ir_model, QDQ_OPSET)
+        if note:
+            report.notes.append(note)
+    if fmt is not wc.format:
+        report.notes.append(f"format {wc.format.value} resolved to {fmt.value}")
+
+    targets = list(find_targets(ir_model.graph, config.selection))
+    emitter = make_emitter(ir_model, wc)
+    for t in targets:
+        if t.skip_reason is None:
+            t.skip_reason = emitter.can_emit(t)
+    todo = [t for t in targets if t.skip_reason is None]
+    if not todo:
+        reasons = sorted({t.skip_reason for t in targets if t.skip_reason})
+        detail = f" ({'; '.join(reasons)})" if reasons else ""
+        raise NothingToQuantizeError(
+            f"nothing to quantize: no {'/'.join(config.selection.op_types)} node with a constant float "
+            f"weight matches the selection{detail}"
+        )
+
+    solved: dict[tuple, QuantizedWeight] = {}
+    for t in targets:
+        if t.skip_reason is not None:
+            report.layers.append(_layer(t, "skipped", reason=t.skip_reason))
+    for t in progress(todo, len(todo), "quantizing"):
+        key = t.chain.key + (t.transposed,)
+        shared = key in solved
+        w = t.weight()
+        if not shared:
+            red, chan = t.quant_axes
+            spec = QuantSpec(wc.bits, wc.block_shape(w.shape, red, chan), wc.symmetric)
+            solved[key] = make_quantizer(wc.algorithm).solve(w, spec)
+        qw = solved[key]
+        nbytes = emitter.emit(t, qw)
+        layer = _layer(t, "shared" if shared else "quantized", bits=qw.bits,
+                       block=_describe_block(t, qw), fmt=fmt.value, algorithm=wc.algorithm.value)
+        layer.sqnr_db = sqnr_db(w, qw.dequantize())
+        layer.bytes_before = 0 if shared else int(t.chain.tensor.nbytes)
+        layer.bytes_after = nbytes
+        report.layers.append(layer)
+    passes.remove_unused(ir_model)
+    report.seconds = time.perf_counter() - started
+    return QuantizeResult(ir_model, report)
+
+
+def _layer(t: Target, status: str, *, reason: str = "", bits: int = 0, block: str = "",
+           fmt: str = "", algorithm: str = "") -> LayerReport:
+    shape = tuple(int(d) for d in t.weight_shape)
+    return LayerReport(t.name, t.node.op_type, shape, status, reason or "", bits, block, fmt, algorithm)
+
+
+def _plain(config: QuantizeConfig) -> dict:
+    import json
+
+    return json.loads(config.to_json())
+
+
+def granularity_label(config: QuantizeConfig) -> str:
+    wc = config.weights
+    if wc.granularity is Granularity.GROUP:
+        return f"group {wc.block_size}"
+    return wc.granularity.value
+
+
+__all__ = ["QuantizeResult", "load_model", "quantize"]

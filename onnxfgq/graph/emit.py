@@ -1,0 +1,200 @@
+"""Emitters: turn a quantized weight into nodes and initializers of one output format.
+
+Emitters only lay out bytes (through ``onnxfgq.quant``) and edit the graph; every number was
+decided by an algorithm before they run. One emitter instance serves one model and caches what it
+emitted per weight, so a weight shared by several nodes is stored once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxfgq.algorithms import QuantizedWeight
+from onnxfgq.config import Granularity, OutputFormat, WeightConfig
+from onnxfgq.graph.targets import Target, constant_chain
+from onnxfgq.quant import pack_int4, pack_matmulnbits, pack_matmulnbits_zero_points
+from onnxfgq.quant.layouts import column_blocks, signed_codes
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, base: str) -> str:
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _float_dtype(target: Target) -> np.dtype:
+    dt = target.chain.tensor.dtype
+    return np.dtype(np.float16) if dt == ir.DataType.FLOAT16 else np.dtype(np.float32)
+
+
+def _replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_output: ir.Value) -> None:
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, [old.outputs[0]], [new_output])
+
+
+def _gemm_bias(target: Target) -> tuple[ir.Value | None, bool]:
+    """(bias value to fold, ok). ``ok`` is False when C exists but cannot be folded into a [N] bias."""
+    node = target.node
+    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None, True
+    chain = constant_chain(node.inputs[2])
+    n = target.shape_kn[1]
+    if chain is None:
+        return None, False
+    c = chain.array()
+    if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+        return None, False
+    beta = node.attributes.get_float("beta", 1.0)
+    bias = np.broadcast_to(c.reshape(-1), (n,)) * beta
+    return ir.Value(name="", const_value=ir.tensor(bias.astype(_float_dtype(target)))), True
+
+
+class Emitter:
+    """Base: caching of shared weights and the opset bookkeeping."""
+
+    format: OutputFormat
+
+    def __init__(self, model: ir.Model, config: WeightConfig):
+        self.model = model
+        self.graph = model.graph
+        self.config = config
+        self._cache: dict[tuple, tuple[ir.Value | None, ...]] = {}
+
+    def can_emit(self, target: Target) -> str | None:
+        """Why this emitter cannot handle ``target`` (None if it can)."""
+        if target.kind != "matmul":
+            return f"{target.node.op_type} weights need --format qdq"
+        if target.node.op_type == "Gemm" and not _gemm_bias(target)[1]:
+            return "Gemm bias is not a constant [N] vector"
+        return None
+
+    def emit(self, target: Target, qw: QuantizedWeight) -> int:
+        """Rewrite ``target``'s node; returns the bytes of new initializers (0 for a shared weight)."""
+        raise NotImplementedError
+
+    def _register(self, key: tuple, base: str, tensors: list[ir.TensorProtocol | None]) -> tuple[tuple, int]:
+        if key in self._cache:
+            return self._cache[key], 0
+        values, nbytes = [], 0
+        for suffix, t in zip(("_q", "_scales", "_zp"), tensors):
+            if t is None:
+                values.append(None)
+                continue
+            values.append(_initializer(self.graph, _unique(self.graph, base + suffix), t))
+            nbytes += t.nbytes
+        self._cache[key] = tuple(values)
+        return self._cache[key], nbytes
+
+
+class MatMulNBitsEmitter(Emitter):
+    """``com.microsoft::MatMulNBits``: group-wise with a power-of-two block; channel and tensor
+    granularity use one block spanning K (rounded up to a power of two, padded with zero codes)."""
+
+    format = OutputFormat.MATMULNBITS
+
+    def block_k(self, k: int) -> int:
+        if self.config.granularity is Granularity.GROUP:
+            return self.config.block_size
+        return max(16, 1 << math.ceil(math.log2(k)))
+
+    def emit(self, target: Target, qw: QuantizedWeight) -> int:
+        k, n = target.shape_kn
+        bits, bk = qw.bits, self.block_k(k)
+        dtype = _float_dtype(target)
+        key = target.chain.key + (target.transposed,)
+        zp = None
+        if not qw.symmetric:
+            zp_nb = column_blocks(qw.qparams.zero_point, qw.qparams, (k, n), bk)
+            zp = ir.tensor(pack_matmulnbits_zero_points(zp_nb, bits))
+        scales = column_blocks(qw.qparams.scale, qw.qparams, (k, n), bk).astype(dtype)
+        blob = pack_matmulnbits(np.ascontiguousarray(qw.codes.T), bits, bk)
+        (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
+                                           [ir.tensor(blob), ir.tensor(scales), zp])
+        bias, _ = _gemm_bias(target)
+        inputs = [target.node.inputs[0], b, s, z]
+        if bias is not None:
+            bias.name = _unique(self.graph, target.name + "_bias")
+            self.graph.register_initializer(bias)
+            inputs += [None, bias]
+        node = ir.node(
+            "MatMulNBits", inputs, {"K": k, "N": n, "bits": bits, "block_size": bk,
+                                    "accuracy_level": self.config.accuracy_level},
+            domain=MS_DOMAIN, name=target.name + "_MatMulNBits",
+        )
+        self.model.opset_imports.setdefault(MS_DOMAIN, 1)
+        _replace_node(self.graph, target.node, [node], node.outputs[0])
+        return nbytes
+
+
+class QDQEmitter(Emitter):
+    """Standard ``DequantizeLinear`` feeding the original node (blocked needs opset 21)."""
+
+    format = OutputFormat.QDQ
+
+    def can_emit(self, target: Target) -> str | None:
+        return None
+
+    def emit(self, target: Target, qw: QuantizedWeight) -> int:
+        bits = qw.bits
+        sym = qw.symmetric
+        codes = signed_codes(qw.codes, bits) if sym else qw.codes
+        scale, zero = qw.qparams.scale, qw.qparams.zero_point
+        block_shape = qw.qparams.block_shape
+        if target.kind == "matmul" and target.transposed:  # qw is [K, N]; the node sees [N, K]
+            codes, scale, zero, block_shape = codes.T, scale.T, zero.T, block_shape[::-1]
+        attrs, scale, zero = self._axis_attrs(target, block_shape, scale, zero)
+        dtype = _float_dtype(target)
+        if bits == 4:
+            qtype = ir.DataType.INT4 if sym else ir.DataType.UINT4
+            q = ir.PackedTensor(pack_int4(codes), qtype, shape=codes.shape)
+            z = None if sym else ir.PackedTensor(pack_int4(zero), qtype, shape=zero.shape)
+        else:
+            np_t = np.int8 if sym else np.uint8
+            q = ir.tensor(codes.astype(np_t))
+            z = None if sym else ir.tensor(np.asarray(zero).astype(np_t))
+        key = target.chain.key + (target.transposed,)
+        (qv, sv, zv), nbytes = self._register(
+            key, target.chain.root.name or target.name, [q, ir.tensor(np.asarray(scale, dtype=dtype)), z]
+        )
+        dq = ir.node("DequantizeLinear", [qv, sv, zv] if zv is not None else [qv, sv], attrs,
+                     name=target.name + "_DequantizeLinear")
+        self.graph.insert_before(target.node, dq)
+        target.node.replace_input_with(target.input_index, dq.outputs[0])
+        return nbytes
+
+    @staticmethod
+    def _axis_attrs(target: Target, block_shape: tuple[int, ...], scale: np.ndarray, zero: np.ndarray):
+        """DequantizeLinear attributes and scale/zero-point arrays, in the layout the node sees."""
+        nb = scale.shape
+        if all(b == 1 for b in nb):  # per-tensor
+            return {}, scale.reshape(()), zero.reshape(())
+        red = target.reduced_axis
+        chan = target.channel_axis
+        if nb[red] == 1 and all(b == 1 for i, b in enumerate(nb) if i != chan):
+            return {"axis": chan}, scale.reshape(-1), zero.reshape(-1)  # per-channel
+        return {"axis": red, "block_size": int(block_shape[red])}, scale, zero
+
+
+def make_emitter(model: ir.Model, config: WeightConfig) -> Emitter:
+    fmt = config.resolved_format()
+    if fmt is OutputFormat.MATMULNBITS:
+        return MatMulNBitsEmitter(model, config)
+    if fmt is OutputFormat.QDQ:
+        return QDQEmitter(model, config)
+    if fmt is OutputFormat.CUSTOM:
+        from onnxfgq.graph.emit_custom import CustomOpEmitter
+
+        return CustomOpEmitter(model, config)
+    raise ValueError(f"no emitter for format {fmt}")

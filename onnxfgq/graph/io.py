@@ -1,0 +1,134 @@
+"""Loading, simplifying and atomically saving models (onnx_ir; weights stay lazy until read)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnxfgq.errors import ModelLoadError, OutputPathError
+
+# protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
+PROTOBUF_LIMIT = 2**31 - 2**26
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load ``path`` lazily, checking up front that every external-data file is present and long enough."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.outputs and not len(model.graph):
+        raise ModelLoadError(f"{path}: not an ONNX model (empty graph)")
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            data = Path(tensor.base_dir) / tensor.location
+            if not data.is_file():
+                raise ModelLoadError(
+                    f"{path}: external data file {tensor.location!r} of initializer {value.name!r} "
+                    f"is missing (looked in {data.parent})"
+                )
+            need = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
+            if data.stat().st_size < need:
+                raise ModelLoadError(
+                    f"{path}: external data file {tensor.location!r} is truncated: initializer "
+                    f"{value.name!r} needs {need} bytes, the file has {data.stat().st_size}"
+                )
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+@dataclass(frozen=True)
+class SimplifyResult:
+    model: ir.Model
+    note: str  # what happened, for the report
+
+
+def simplify(model: ir.Model) -> SimplifyResult:
+    """Constant folding and shape simplification with onnxsim; the input model on any failure."""
+    if weight_bytes(model) > PROTOBUF_LIMIT:
+        return SimplifyResult(model, "onnxsim skipped: the model is over protobuf's 2 GB limit")
+    try:
+        import onnxsim
+
+        proto = ir.to_proto(model)
+        simplified, ok = onnxsim.simplify(proto)
+        if not ok:
+            return SimplifyResult(model, "onnxsim could not validate its result; using the unsimplified graph")
+        return SimplifyResult(ir.from_proto(simplified), "simplified with onnxsim")
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return SimplifyResult(model, f"onnxsim failed ({msg[:160]}); using the unsimplified graph")
+
+
+def check_output_path(out: Path, inputs: list[Path]) -> None:
+    out = out.resolve()
+    for p in inputs:
+        if p.exists() and out == p.resolve():
+            raise OutputPathError(f"{out}: refusing to overwrite the input model; choose another -o path")
+    data = Path(str(out) + ".data")
+    for p in inputs:
+        if p.exists() and data == p.resolve():
+            raise OutputPathError(f"{data}: would overwrite the input's external data file")
+    if not out.parent.is_dir():
+        raise OutputPathError(f"{out.parent}: output directory does not exist")
+
+
+def external_inputs(model: ir.Model) -> list[Path]:
+    files = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add((Path(tensor.base_dir) / tensor.location).resolve())
+    return sorted(files)
+
+
+def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = None) -> list[Path]:
+    """Write ``model`` to ``out`` atomically; returns the files written.
+
+    Everything is written into a temporary folder beside ``out`` and renamed into place only when
+    complete (external data first, the model last), so a failure never leaves a partial output.
+    ``external=None`` chooses external data when the weights approach protobuf's limit.
+    """
+    out = Path(out)
+    if external is None:
+        external = weight_bytes(model) > PROTOBUF_LIMIT // 2
+    data_name = out.name + ".data"
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxfgq-", dir=out.parent))
+    try:
+        tmp_model = tmpdir / out.name
+        if external:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+        else:
+            ir.save(model, tmp_model)
+        written = []
+        tmp_data = tmpdir / data_name
+        if tmp_data.exists():
+            os.replace(tmp_data, out.parent / data_name)
+            written.append(out.parent / data_name)
+        os.replace(tmp_model, out)
+        written.insert(0, out)
+        return written
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def check(path: Path) -> None:
+    """onnx.checker on the written file (by path, so external data and >2 GB models work)."""
+    onnx.checker.check_model(str(path), full_check=False)

@@ -1,0 +1,115 @@
+"""Quantization parameters, quantize and dequantize for any block granularity.
+
+The affine map is ``real = (q - zero_point) * scale`` with integer codes ``q`` in ``[qmin, qmax]``.
+Zero points are integers inside the code range, so the quantized range always contains 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxfgq.quant.blocks import block_reduce, expand_blocks
+
+_TINY = np.float32(1e-12)
+
+
+@dataclass(frozen=True)
+class QRange:
+    """The integer code range of a ``bits``-wide signed or unsigned type."""
+
+    bits: int
+    signed: bool
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+
+def qrange(bits: int, signed: bool) -> QRange:
+    if not 1 < bits <= 16:
+        raise ValueError(f"bits must be in 2..16, got {bits}")
+    return QRange(bits, signed)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scales and integer zero points, one per block, plus the geometry that produced them."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    block_shape: tuple[int, ...]
+    qr: QRange
+
+
+def compute_qparams(
+    w: np.ndarray,
+    block_shape: Sequence[int],
+    bits: int,
+    *,
+    symmetric: bool,
+    signed: bool,
+    clip_ratio: float | np.ndarray = 1.0,
+) -> QParams:
+    """Min/max (optionally shrunk by ``clip_ratio``) qparams for each block of ``w``.
+
+    Symmetric: ``scale = absmax / qmax_half`` and the zero point sits at the middle of the range
+    (0 for signed types, ``2**(bits-1)`` for unsigned). Asymmetric: the range spans [min, max]
+    extended to contain 0, so that the integer zero point is exact.
+    """
+    qr = qrange(bits, signed)
+    w = np.asarray(w, dtype=np.float32)
+    block_shape = tuple(int(b) for b in block_shape)
+    if symmetric:
+        absmax = block_reduce(np.abs(w), block_shape, np.max) * clip_ratio
+        # Use the larger half of an even-sized range: [-8, 7] maps absmax to -8 * scale ... 7 * scale;
+        # dividing by (qmax - qmin) / 2 keeps both ends representable after clipping.
+        half = (qr.qmax - qr.qmin) / 2.0
+        scale = (absmax / half).astype(np.float32)
+        mid = (qr.qmin + qr.qmax + 1) // 2
+        zero_point = np.full(scale.shape, mid, dtype=np.int32)
+    else:
+        lo = np.minimum(block_reduce(w, block_shape, np.min) * clip_ratio, 0.0)
+        hi = np.maximum(block_reduce(w, block_shape, np.max) * clip_ratio, 0.0)
+        scale = ((hi - lo) / (qr.qmax - qr.qmin)).astype(np.float32)
+        safe = np.where(scale > _TINY, scale, 1.0)
+        zero_point = np.clip(np.round(qr.qmin - lo / safe), qr.qmin, qr.qmax).astype(np.int32)
+    scale = np.where(scale > _TINY, scale, np.float32(1.0)).astype(np.float32)
+    return QParams(scale, zero_point, block_shape, qr)
+
+
+def quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
+    """Integer codes (int32) for ``w``, rounded to nearest (ties to even) and clipped to the range."""
+    scale = expand_blocks(qp.scale, w.shape, qp.block_shape)
+    zp = expand_blocks(qp.zero_point, w.shape, qp.block_shape)
+    q = np.round(np.asarray(w, dtype=np.float32) / scale) + zp
+    return np.clip(q, qp.qr.qmin, qp.qr.qmax).astype(np.int32)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    scale = expand_blocks(qp.scale, q.shape, qp.block_shape)
+    zp = expand_blocks(qp.zero_point, q.shape, qp.block_shape)
+    return ((q.astype(np.int32) - zp).astype(np.float32) * scale).astype(np.float32)
+
+
+def fake_quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
+    return dequantize(quantize(w, qp), qp)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf for an exact match)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    err = ref - np.asarray(approx, dtype=np.float64)
+    noise = float(np.sum(err * err))
+    signal = float(np.sum(ref * ref))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(signal / noise)

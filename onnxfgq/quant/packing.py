@@ -1,0 +1,80 @@
+"""Byte layouts of the tensors we emit.
+
+- ONNX int4/uint4 tensors: two values per byte, element 2i in the low nibble (ONNX IR spec).
+- MatMulNBits ``B``: uint8 ``[N, n_blocks, block_size * bits / 8]``; each block holds codes of one
+  output column, consecutive codes packed low bits first (ORT ContribOperators.md).
+- MatMulNBits ``zero_points``: uint8 ``[N, ceil(n_blocks * bits / 8)]``, packed the same way per row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MATMULNBITS_BITS = (2, 4, 8)
+
+
+def _pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis of ``codes`` (values < 2**bits) low-bits-first into bytes, for bits in 2/4/8."""
+    if bits not in MATMULNBITS_BITS:
+        raise ValueError(f"byte-aligned packing supports bits {MATMULNBITS_BITS}, got {bits}")
+    per_byte = 8 // bits
+    codes = np.asarray(codes).astype(np.uint8) & np.uint8((1 << bits) - 1)
+    n = codes.shape[-1]
+    padded = math.ceil(n / per_byte) * per_byte
+    if padded != n:
+        codes = np.concatenate(
+            [codes, np.zeros(codes.shape[:-1] + (padded - n,), np.uint8)], axis=-1
+        )
+    grouped = codes.reshape(codes.shape[:-1] + (padded // per_byte, per_byte))
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
+
+
+def _unpack_rows(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    vals = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return vals.reshape(packed.shape[:-1] + (-1,))[..., :n]
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Pack an int4/uint4 tensor (any shape, values in the 4-bit range) into ONNX's flat byte layout."""
+    flat = np.asarray(codes).reshape(-1)
+    return _pack_rows(flat, 4)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...], signed: bool) -> np.ndarray:
+    size = int(np.prod(shape))
+    vals = _unpack_rows(np.asarray(packed, np.uint8).reshape(-1), 4, size).astype(np.int32)
+    if signed:
+        vals = np.where(vals >= 8, vals - 16, vals)
+    return vals.reshape(shape)
+
+
+def pack_matmulnbits(codes_nk: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Unsigned codes laid out ``[N, K]`` -> MatMulNBits ``B`` of shape ``[N, n_blocks, block_size*bits/8]``.
+
+    K is zero-padded to a whole number of blocks (the padded codes meet zero activations).
+    """
+    n, k = codes_nk.shape
+    n_blocks = math.ceil(k / block_size)
+    padded = np.zeros((n, n_blocks * block_size), np.uint8)
+    padded[:, :k] = codes_nk
+    blob = _pack_rows(padded.reshape(n, n_blocks, block_size), bits)
+    return blob.reshape(n, n_blocks, block_size * bits // 8)
+
+
+def unpack_matmulnbits(blob: np.ndarray, bits: int, k: int) -> np.ndarray:
+    n = blob.shape[0]
+    return _unpack_rows(blob.reshape(n, -1), bits, k).astype(np.int32)
+
+
+def pack_matmulnbits_zero_points(zp_nb: np.ndarray, bits: int) -> np.ndarray:
+    """Integer zero points ``[N, n_blocks]`` -> uint8 ``[N, ceil(n_blocks*bits/8)]``."""
+    return _pack_rows(zp_nb, bits)
+
+
+def unpack_matmulnbits_zero_points(packed: np.ndarray, bits: int, n_blocks: int) -> np.ndarray:
+    return _unpack_rows(np.asarray(packed, np.uint8), bits, n_blocks).astype(np.int32)

@@ -1,0 +1,94 @@
+"""What a quantization run did and how close the result is to floating point."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op_type: str
+    shape: tuple[int, ...]
+    status: str  # "quantized" | "shared" | "skipped"
+    reason: str = ""
+    bits: int = 0
+    block: str = ""
+    format: str = ""
+    algorithm: str = ""
+    sqnr_db: float | None = None
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+@dataclass
+class Accuracy:
+    data: str
+    samples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class Report:
+    input_path: str = ""
+    output_path: str = ""
+    config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)
+    size_before: int = 0
+    size_after: int = 0
+    seconds: float = 0.0
+    accuracy: Accuracy | None = None
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status != "skipped"]
+
+    def to_json(self) -> str:
+        def clean(o):
+            if isinstance(o, float) and not math.isfinite(o):
+                return str(o)
+            if isinstance(o, dict):
+                return {k: clean(v) for k, v in o.items()}
+            if isinstance(o, (list, tuple)):
+                return [clean(v) for v in o]
+            return o
+
+        data = asdict(self)
+        data["layers_quantized"] = len(self.quantized)
+        return json.dumps(clean(data), indent=2)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render(report: Report, console) -> None:
+    """Print the report with rich: per-layer table, then the summary."""
+    from rich.table import Table
+
+    table = Table(title="layers", show_lines=False)
+    for col in ("layer", "op", "shape", "status", "bits", "block", "SQNR dB", "note"):
+        table.add_column(col, overflow="fold")
+    for layer in report.layers:
+        sq = "" if layer.sqnr_db is None else f"{layer.sqnr_db:.1f}"
+        table.add_row(layer.name, layer.op_type, "x".join(map(str, layer.shape)), layer.status,
+                      str(layer.bits or ""), layer.block, sq, layer.reason)
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    q = report.quantized
+    sq = [layer.sqnr_db for layer in q if layer.sqnr_db is not None]
+    console.print(
+        f"[bold]{len(q)} of {len(report.layers)} weight nodes quantized[/]; "
+        f"size {_mb(report.size_before)} -> {_mb(report.size_after)} "
+        f"({report.size_before / max(report.size_after, 1):.2f}x smaller); "
+        f"mean weight SQNR {sum(sq) / len(sq):.1f} dB; {report.seconds:.2f} s"
+        if sq else f"{len(q)} weight nodes quantized; {report.seconds:.2f} s"
+    )
+    if report.accuracy:
+        acc = report.accuracy
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in acc.metrics.items())
+        console.print(f"[bold]accuracy vs FP32[/] on {acc.samples} samples of {acc.data}: {metrics}")
