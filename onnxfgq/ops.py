@@ -1,0 +1,70 @@
+"""Find and register the onnxfgq custom-op library (com.onnxfgq::MatMulBlockQuant).
+
+    import onnxruntime as ort
+    from onnxfgq import ops
+    so = ort.SessionOptions()
+    ops.register(so)
+    session = ort.InferenceSession("model.onnx", so)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DOMAIN = "com.onnxfgq"
+OP_TYPE = "MatMulBlockQuant"
+OPSET_VERSION = 1
+ENV_VAR = "ONNXFGQ_OPS_LIBRARY"
+LIBRARY_NAME = "libonnxfgq_ops.so"
+
+_BUILD_HINT = ("build it with `python tools/build_custom_ops.py` from the repository root "
+               "(needs cmake and g++), or point ONNXFGQ_OPS_LIBRARY at a built libonnxfgq_ops.so")
+
+
+class OpsLibraryError(RuntimeError):
+    """The custom-op library is missing or onnxruntime could not load it."""
+
+
+def _candidates() -> list[Path]:
+    package_dir = Path(__file__).resolve().parent
+    return [
+        package_dir.parent / "build" / "custom_ops" / LIBRARY_NAME,  # source checkout
+        package_dir / "lib" / LIBRARY_NAME,  # copy installed with the package
+    ]
+
+
+def library_path() -> Path:
+    """Path of the library: $ONNXFGQ_OPS_LIBRARY, else the repo's build dir, else the package's copy."""
+    override = os.environ.get(ENV_VAR)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise OpsLibraryError(f"{ENV_VAR}={override} is not a file; {_BUILD_HINT}")
+        return path
+    for path in _candidates():
+        if path.is_file():
+            return path
+    searched = ", ".join(str(p) for p in _candidates())
+    raise OpsLibraryError(f"custom-op library {LIBRARY_NAME} not found (looked in {searched}); {_BUILD_HINT}")
+
+
+def register(session_options) -> None:
+    """Add the library's ops to an onnxruntime.SessionOptions."""
+    import onnxruntime
+
+    path = library_path()
+    try:
+        session_options.register_custom_ops_library(str(path))
+    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+        raise OpsLibraryError(f"onnxruntime {onnxruntime.__version__} could not load {path}: {exc}") from exc
+
+
+def build(force: bool = False) -> Path:
+    """Build the library from a source checkout (see tools/build_custom_ops.py); returns its path."""
+    from onnxfgq import _build_ops
+
+    try:
+        return _build_ops.build(force=force)
+    except _build_ops.BuildError as exc:
+        raise OpsLibraryError(str(exc)) from exc
