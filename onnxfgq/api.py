@@ -72,11 +72,14 @@ def quantize(
 
     The input (path or object) is never modified.
     """
-    config = config or QuantizeConfig()
+    return _quantize_model(load_model(model), config or QuantizeConfig(), progress)
+
+
+def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progress) -> QuantizeResult:
+    """Quantize ``ir_model``, which the caller hands over (it may be modified or replaced)."""
     config.validate()
     started = time.perf_counter()
     report = Report(config=_plain(config))
-    ir_model = load_model(model)
     if config.simplify:
         simplified = io.simplify(ir_model)
         ir_model = simplified.model
@@ -149,3 +152,37 @@ def granularity_label(config: QuantizeConfig) -> str:
 
 
 __all__ = ["QuantizeResult", "load_model", "quantize"]
+
+
+def quantize_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: QuantizeConfig | None = None,
+    *,
+    progress: Progress = _no_progress,
+    external: bool | None = None,
+) -> Report:
+    """Quantize a model file into ``output_path``: written atomically, checked with onnx.checker and
+    loaded in onnxruntime before it appears; the input file is never touched."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    source = io.load(input_path)
+    input_files = [input_path, *io.external_inputs(source)]
+    io.check_output_path(output_path, input_files)
+    config = config or QuantizeConfig()
+    result = _quantize_model(source, config, progress)
+    custom = config.weights.resolved_format() is OutputFormat.CUSTOM
+    if external is None and len(input_files) > 1:
+        external = True
+    started = time.perf_counter()
+    written = io.save(result.model, output_path, external=external,
+                      validate=lambda p: io.check(p, custom_ops=custom))
+    report = result.report
+    report.seconds += time.perf_counter() - started
+    report.input_path, report.output_path = str(input_path), str(output_path)
+    report.size_before = _file_sizes(input_files)
+    report.size_after = _file_sizes(written)
+    return report
+
+
+def _file_sizes(paths: Iterable[Path]) -> int:
+    return sum(Path(p).stat().st_size for p in paths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +100,14 @@ def external_inputs(model: ir.Model) -> list[Path]:
     return sorted(files)
 
 
-def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = None) -> list[Path]:
+def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = None,
+         validate: Callable[[Path], None] | None = None) -> list[Path]:
     """Write ``model`` to ``out`` atomically; returns the files written.
 
-    Everything is written into a temporary folder beside ``out`` and renamed into place only when
-    complete (external data first, the model last), so a failure never leaves a partial output.
-    ``external=None`` chooses external data when the weights approach protobuf's limit.
+    Everything is written into a temporary folder beside ``out``, checked with ``validate(path)``
+    there, and renamed into place only when complete and valid (external data first, the model
+    last), so a failure never leaves a partial output. ``external=None`` chooses external data when
+    the weights approach protobuf's limit.
     """
     out = Path(out)
     if external is None:
@@ -117,6 +120,8 @@ def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = Non
             ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
         else:
             ir.save(model, tmp_model)
+        if validate is not None:
+            validate(tmp_model)
         written = []
         tmp_data = tmpdir / data_name
         if tmp_data.exists():
@@ -129,6 +134,25 @@ def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = Non
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def check(path: Path) -> None:
-    """onnx.checker on the written file (by path, so external data and >2 GB models work)."""
-    onnx.checker.check_model(str(path), full_check=False)
+class ValidationError(RuntimeError):
+    """The rewritten model failed onnx.checker or did not load in onnxruntime (a bug of ours)."""
+
+
+def check(path: Path, *, custom_ops: bool = False) -> None:
+    """onnx.checker (by path, so external data and >2 GB models work), then an onnxruntime load."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as exc:
+        raise ValidationError(f"the quantized model fails onnx.checker: {exc}") from exc
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if custom_ops:
+        from onnxfgq import ops
+
+        ops.register(so)
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ValidationError(f"the quantized model does not load in onnxruntime: {exc}") from exc

@@ -1,0 +1,236 @@
+"""``onnxfgq`` command line. Every default comes from the config dataclasses (the API's defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from onnxfgq.config import (
+    Algorithm,
+    ConfigError,
+    Granularity,
+    OutputFormat,
+    QuantizeConfig,
+    Selection,
+    WeightConfig,
+)
+from onnxfgq.errors import OnnxfgqError
+
+_W = WeightConfig()
+_S = Selection()
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 160  # logs and pipes: don't fold the layer table into 80 columns
+    return console
+
+
+def rich_progress(items: Iterable, total: int, label: str) -> Iterable:
+    """A progress bar on stderr over ``items`` (silent when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def _dims(values: list[str]) -> dict[str, int]:
+    dims = {}
+    for v in values:
+        name, sep, num = v.partition("=")
+        if not sep or not num.isdigit():
+            raise ConfigError("--dim", f"expected NAME=INT, got {v!r}")
+        dims[name] = int(num)
+    return dims
+
+
+def _add_data_args(p: argparse.ArgumentParser, default_samples: int) -> None:
+    p.add_argument("--eval-data", default="random", metavar="SRC",
+                   help="inputs for the accuracy report: 'random', 'text:FILE', or a folder of .npy/.npz "
+                        "(default: random)")
+    p.add_argument("--eval-samples", type=int, default=default_samples, help="samples to evaluate on")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of evaluation inputs")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder for text:FILE (default: FILE's folder)")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
+                   help="value of a symbolic input dimension for random inputs (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="onnxfgq", description="Fine-grained post-training quantization of ONNX models.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize the weights of MatMul/Gemm (and more) nodes")
+    q.add_argument("model", type=Path)
+    q.add_argument("-o", "--output", type=Path, help="output path (default: MODEL.<bits>bit.onnx beside it)")
+    q.add_argument("--bits", type=int, default=_W.bits)
+    q.add_argument("--block-size", type=int, default=_W.block_size,
+                   help=f"group size along the reduction axis (default {_W.block_size}); 0 means per-channel")
+    q.add_argument("--granularity", choices=[g.value for g in Granularity], default=None,
+                   help="tensor, channel or group (default: group, or channel with --block-size 0)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=_W.symmetric)
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    q.add_argument("--format", choices=[f.value for f in OutputFormat], default=_W.format.value)
+    q.add_argument("--algo", choices=[a.value for a in Algorithm], default=_W.algorithm.value)
+    q.add_argument("--accuracy-level", type=int, default=_W.accuracy_level, help="MatMulNBits accuracy_level")
+    q.add_argument("--op-types", default=",".join(_S.op_types), help="comma-separated op types to quantize")
+    q.add_argument("--include", action="append", default=[], metavar="REGEX", help="only nodes whose name matches")
+    q.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="skip nodes whose name matches")
+    q.add_argument("--min-elements", type=int, default=_S.min_elements, help="weights smaller than this stay float")
+    q.add_argument("--quantize-embeddings", action="store_true", default=_S.quantize_embeddings,
+                   help="also quantize Gather tables (GatherBlockQuantized / DequantizeLinear)")
+    q.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    q.add_argument("--external-data", choices=["auto", "always", "never"], default="auto")
+    q.add_argument("--report", type=Path, metavar="OUT.json", help="write the report as JSON")
+    q.add_argument("--no-eval", action="store_true", help="skip the accuracy comparison")
+    _add_data_args(q, default_samples=8)
+    q.set_defaults(func=cmd_quantize)
+
+    i = sub.add_parser("inspect", help="list the weights a quantize run would touch")
+    i.add_argument("model", type=Path)
+    i.add_argument("--op-types", default=",".join(_S.op_types))
+    i.add_argument("--quantize-embeddings", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="compare a quantized model's outputs with the float model's")
+    e.add_argument("reference", type=Path)
+    e.add_argument("candidate", type=Path)
+    _add_data_args(e, default_samples=32)
+    e.set_defaults(func=cmd_eval)
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
+    granularity = args.granularity
+    if granularity is None:
+        granularity = "channel" if args.block_size == 0 else "group"
+    elif args.block_size == 0 and granularity == "group":
+        raise ConfigError("--block-size", "0 means per-channel; it cannot go with --granularity group")
+    weights = WeightConfig(
+        bits=args.bits, granularity=Granularity(granularity), block_size=args.block_size or _W.block_size,
+        symmetric=args.symmetric, algorithm=Algorithm(args.algo), format=OutputFormat(args.format),
+        accuracy_level=args.accuracy_level,
+    )
+    op_types = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
+    if not op_types:
+        raise ConfigError("--op-types", "needs at least one op type")
+    selection = Selection(op_types=op_types, include=tuple(args.include), exclude=tuple(args.exclude),
+                          min_elements=args.min_elements, quantize_embeddings=args.quantize_embeddings)
+    _check_regexes(selection)
+    config = QuantizeConfig(weights=weights, selection=selection, simplify=not args.no_simplify)
+    config.validate()
+    return config
+
+
+def _check_regexes(selection: Selection) -> None:
+    import re
+
+    for opt, patterns in (("--include", selection.include), ("--exclude", selection.exclude)):
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ConfigError(opt, f"bad regular expression {p!r}: {exc}") from None
+
+
+def _default_output(model: Path, config: QuantizeConfig) -> Path:
+    return model.with_name(f"{model.stem}.{config.weights.bits}bit.onnx")
+
+
+def _evaluate(reference: Path, candidate: Path, args, custom_ops: bool):
+    from onnxfgq.calibration.sources import open_source
+    from onnxfgq.evaluate import compare
+    from onnxfgq.graph import io
+    from onnxfgq.report import Accuracy
+
+    reader = open_source(args.eval_data, io.load(reference), num_samples=args.eval_samples,
+                         batch_size=args.batch_size, dims=_dims(args.dim), tokenizer=args.tokenizer)
+    metrics, n = compare(reference, candidate, reader, custom_ops=custom_ops)
+    return Accuracy(args.eval_data, n, metrics)
+
+
+def cmd_quantize(args) -> int:
+    from onnxfgq.api import quantize_file
+    from onnxfgq.report import render
+
+    config = config_from_args(args)
+    _dims(args.dim)  # validate before the long part
+    out = args.output or _default_output(args.model, config)
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    report = quantize_file(args.model, out, config, progress=rich_progress, external=external)
+    if not args.no_eval:
+        custom = config.weights.resolved_format() is OutputFormat.CUSTOM
+        report.accuracy = _evaluate(args.model, out, args, custom)
+    console = _console()
+    render(report, console)
+    console.print(f"wrote {out}")
+    if args.report:
+        args.report.write_text(report.to_json())
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from rich.table import Table
+
+    from onnxfgq.graph import io
+    from onnxfgq.graph.targets import find_targets
+
+    model = io.load(args.model)
+    sel = Selection(op_types=tuple(args.op_types.split(",")), quantize_embeddings=args.quantize_embeddings)
+    table = Table(title=str(args.model))
+    for col in ("node", "op", "weight shape", "dtype", "quantizable"):
+        table.add_column(col)
+    n = 0
+    for t in find_targets(model.graph, sel):
+        n += t.skip_reason is None
+        table.add_row(t.name, t.node.op_type, "x".join(map(str, t.weight_shape)), t.chain.tensor.dtype.name,
+                      "yes" if t.skip_reason is None else t.skip_reason)
+    console = _console()
+    console.print(table)
+    opsets = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in model.opset_imports.items())
+    console.print(f"{n} quantizable weights; {len(model.graph)} nodes; opsets {opsets}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    acc = _evaluate(args.reference, args.candidate, args, custom_ops=_uses_custom_ops(args.candidate))
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in acc.metrics.items())
+    _console().print(f"{args.candidate} vs {args.reference} on {acc.samples} samples of {acc.data}: {metrics}")
+    return 0
+
+
+def _uses_custom_ops(path: Path) -> bool:
+    from onnxfgq.graph import io
+
+    return any(d == "com.onnxfgq" for d in io.load(path).opset_imports)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (OnnxfgqError, ConfigError) as exc:
+        if args.debug:
+            raise
+        print(f"onnxfgq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxfgq: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""How close a quantized model's outputs are to the float model's, streamed over a data source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from onnxfgq.calibration.sources import CalibrationDataReader, iterate
+
+
+def make_session(path: Path, *, custom_ops: bool = False):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if custom_ops:
+        from onnxfgq import ops
+
+        ops.register(so)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OutputAgreement:
+    """Streaming agreement metrics between reference and candidate outputs.
+
+    Rows are the last axis of each output: cosine per row (mean and min), SQNR over everything,
+    and top-1 agreement of the row argmax when rows have more than one element.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.cos_sum = 0.0
+        self.cos_min = 1.0
+        self.signal = 0.0
+        self.noise = 0.0
+        self.top1 = 0
+        self.unit_rows = True  # embeddings (unit-norm rows): argmax agreement means nothing there
+
+    def update(self, ref: np.ndarray, out: np.ndarray) -> None:
+        r = np.asarray(ref, np.float64).reshape(-1, ref.shape[-1] if ref.ndim else 1)
+        o = np.asarray(out, np.float64).reshape(r.shape)
+        denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
+        cos = np.where(denom > 0, (r * o).sum(1) / np.maximum(denom, 1e-300), 1.0)
+        self.rows += len(cos)
+        self.cos_sum += float(cos.sum())
+        self.cos_min = min(self.cos_min, float(cos.min()))
+        self.signal += float((r * r).sum())
+        self.noise += float(((r - o) ** 2).sum())
+        self.unit_rows &= bool(np.allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-3))
+        if r.shape[1] > 1:
+            self.top1 += int((r.argmax(1) == o.argmax(1)).sum())
+
+    def metrics(self, with_top1: bool) -> dict[str, float]:
+        m = {
+            "cosine_mean": self.cos_sum / max(self.rows, 1),
+            "cosine_min": self.cos_min,
+            "sqnr_db": 10 * np.log10(self.signal / self.noise) if self.noise > 0 else float("inf"),
+        }
+        if with_top1 and not self.unit_rows:
+            m["top1_agreement"] = self.top1 / max(self.rows, 1)
+        return m
+
+
+def compare(reference: Path, candidate: Path, reader: CalibrationDataReader, *,
+            custom_ops: bool = False) -> tuple[dict[str, float], int]:
+    """Metrics of ``candidate`` against ``reference`` (first output) and the number of samples."""
+    ref_sess = make_session(reference)
+    cand_sess = make_session(candidate, custom_ops=custom_ops)
+    agreement = OutputAgreement()
+    samples = 0
+    last_dim = 1
+    for feed in iterate(reader):
+        ref = ref_sess.run(None, feed)[0]
+        out = cand_sess.run(None, feed)[0]
+        agreement.update(ref, out)
+        samples += next(iter(feed.values())).shape[0] if feed else 1
+        last_dim = ref.shape[-1] if ref.ndim else 1
+    return agreement.metrics(with_top1=last_dim > 1), samples
