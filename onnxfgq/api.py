@@ -17,11 +17,11 @@ import onnx
 import onnx_ir as ir
 
 from onnxfgq.algorithms import QuantizedWeight, QuantSpec, make_quantizer
-from onnxfgq.config import Granularity, OutputFormat, QuantizeConfig
+from onnxfgq.config import Granularity, OutputFormat, QuantizeConfig, Simplify
 from onnxfgq.errors import NothingToQuantizeError
 from onnxfgq.graph import io, passes
 from onnxfgq.graph.emit import make_emitter
-from onnxfgq.graph.targets import Target, find_targets
+from onnxfgq.graph.targets import Target, find_targets, has_foldable_weights
 from onnxfgq.quant import sqnr_db
 from onnxfgq.report import LayerReport, Report
 
@@ -80,7 +80,9 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     config.validate()
     started = time.perf_counter()
     report = Report(config=_plain(config))
-    if config.simplify:
+    if config.simplify is Simplify.ALWAYS or (
+        config.simplify is Simplify.AUTO and has_foldable_weights(ir_model.graph, config.selection.op_types)
+    ):
         simplified = io.simplify(ir_model)
         ir_model = simplified.model
         report.notes.append(simplified.note)

@@ -14,6 +14,7 @@ from onnxfgq.config import (
     OutputFormat,
     QuantizeConfig,
     Selection,
+    Simplify,
     WeightConfig,
 )
 from onnxfgq.errors import OnnxfgqError
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--min-elements", type=int, default=_S.min_elements, help="weights smaller than this stay float")
     q.add_argument("--quantize-embeddings", action="store_true", default=_S.quantize_embeddings,
                    help="also quantize Gather tables (GatherBlockQuantized / DequantizeLinear)")
-    q.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    q.add_argument("--simplify", choices=[v.value for v in Simplify], default=QuantizeConfig().simplify.value,
+                   help="onnxsim first: auto runs it only when a weight is computed from constants")
     q.add_argument("--external-data", choices=["auto", "always", "never"], default="auto")
     q.add_argument("--report", type=Path, metavar="OUT.json", help="write the report as JSON")
     q.add_argument("--no-eval", action="store_true", help="skip the accuracy comparison")
@@ -129,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
     selection = Selection(op_types=op_types, include=tuple(args.include), exclude=tuple(args.exclude),
                           min_elements=args.min_elements, quantize_embeddings=args.quantize_embeddings)
     _check_regexes(selection)
-    config = QuantizeConfig(weights=weights, selection=selection, simplify=not args.no_simplify)
+    config = QuantizeConfig(weights=weights, selection=selection, simplify=Simplify(args.simplify))
     config.validate()
     return config
 

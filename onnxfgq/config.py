@@ -34,6 +34,12 @@ class OutputFormat(str, Enum):
     CUSTOM = "custom"
 
 
+class Simplify(str, Enum):
+    AUTO = "auto"  # run onnxsim only when a weight is computed from constants (folding exposes it)
+    ALWAYS = "always"
+    NEVER = "never"
+
+
 class Algorithm(str, Enum):
     RTN = "rtn"
 
@@ -124,7 +130,7 @@ class Selection:
 class QuantizeConfig:
     weights: WeightConfig = field(default_factory=WeightConfig)
     selection: Selection = field(default_factory=Selection)
-    simplify: bool = True  # run onnxsim before looking for weights
+    simplify: Simplify = Simplify.AUTO  # onnxsim before looking for weights
 
     def validate(self) -> None:
         self.weights.validate()

@@ -16,7 +16,7 @@ from onnxfgq.algorithms import QuantizedWeight
 from onnxfgq.config import Granularity, OutputFormat, WeightConfig
 from onnxfgq.graph.targets import Target, constant_chain
 from onnxfgq.quant import pack_int4, pack_matmulnbits, pack_matmulnbits_zero_points
-from onnxfgq.quant.layouts import column_blocks, signed_codes
+from onnxfgq.quant.layouts import resample_blocks, signed_codes
 
 MS_DOMAIN = "com.microsoft"
 
@@ -109,16 +109,25 @@ class MatMulNBitsEmitter(Emitter):
             return self.config.block_size
         return max(16, 1 << math.ceil(math.log2(k)))
 
+    def can_emit(self, target: Target) -> str | None:
+        if target.kind == "gather":
+            if self.config.bits not in (4, 8):
+                return f"GatherBlockQuantized has 4 and 8 bits, not {self.config.bits}"
+            return None
+        return super().can_emit(target)
+
     def emit(self, target: Target, qw: QuantizedWeight) -> int:
+        if target.kind == "gather":
+            return self._emit_gather(target, qw)
         k, n = target.shape_kn
         bits, bk = qw.bits, self.block_k(k)
         dtype = _float_dtype(target)
         key = target.chain.key + (target.transposed,)
         zp = None
         if not qw.symmetric:
-            zp_nb = column_blocks(qw.qparams.zero_point, qw.qparams, (k, n), bk)
+            zp_nb = resample_blocks(qw.qparams.zero_point, qw.qparams, (k, n), 0, bk)
             zp = ir.tensor(pack_matmulnbits_zero_points(zp_nb, bits))
-        scales = column_blocks(qw.qparams.scale, qw.qparams, (k, n), bk).astype(dtype)
+        scales = resample_blocks(qw.qparams.scale, qw.qparams, (k, n), 0, bk).astype(dtype)
         blob = pack_matmulnbits(np.ascontiguousarray(qw.codes.T), bits, bk)
         (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
                                            [ir.tensor(blob), ir.tensor(scales), zp])
@@ -127,12 +136,35 @@ class MatMulNBitsEmitter(Emitter):
         if bias is not None:
             bias.name = _unique(self.graph, target.name + "_bias")
             self.graph.register_initializer(bias)
+            nbytes += bias.const_value.nbytes
             inputs += [None, bias]
         node = ir.node(
             "MatMulNBits", inputs, {"K": k, "N": n, "bits": bits, "block_size": bk,
                                     "accuracy_level": self.config.accuracy_level},
             domain=MS_DOMAIN, name=target.name + "_MatMulNBits",
         )
+        self.model.opset_imports.setdefault(MS_DOMAIN, 1)
+        _replace_node(self.graph, target.node, [node], node.outputs[0])
+        return nbytes
+
+    def _emit_gather(self, target: Target, qw: QuantizedWeight) -> int:
+        """Gather on a ``[rows, hidden]`` table -> GatherBlockQuantized (uint8 data, blocks along hidden)."""
+        rows, hidden = qw.codes.shape
+        bits, bk = qw.bits, self.block_k(hidden)
+        zp = None
+        if not qw.symmetric:
+            zp_nb = resample_blocks(qw.qparams.zero_point, qw.qparams, (rows, hidden), 1, bk)
+            zp = ir.tensor(pack_matmulnbits_zero_points(zp_nb, bits))
+        scales = resample_blocks(qw.qparams.scale, qw.qparams, (rows, hidden), 1, bk)
+        data = pack_matmulnbits_zero_points(qw.codes, bits)  # same row packing: low bits first
+        (d, s, z), nbytes = self._register(
+            target.chain.key + ("gather",), target.chain.root.name or target.name,
+            [ir.tensor(data), ir.tensor(scales.astype(_float_dtype(target))), zp],
+        )
+        inputs = [d, target.node.inputs[1], s] + ([z] if z is not None else [])
+        node = ir.node("GatherBlockQuantized", inputs,
+                       {"bits": bits, "block_size": bk, "gather_axis": 0, "quantize_axis": 1},
+                       domain=MS_DOMAIN, name=target.name + "_GatherBlockQuantized")
         self.model.opset_imports.setdefault(MS_DOMAIN, 1)
         _replace_node(self.graph, target.node, [node], node.outputs[0])
         return nbytes

@@ -197,3 +197,32 @@ def _selection_problem(t: Target, sel: Selection, include: list, exclude: list) 
     if k * n < sel.min_elements:
         return f"{k * n} elements < --min-elements {sel.min_elements}"
     return None
+
+
+def has_foldable_weights(graph: ir.Graph, op_types: tuple[str, ...]) -> bool:
+    """True when some weight input is computed from constants by ops we don't see through
+    (Reshape of an initializer, ConstantOfShape, ...): constant folding would expose it."""
+    memo: dict[int, bool] = {}
+
+    def constant_derived(value: ir.Value | None, depth: int = 0) -> bool:
+        if value is None:
+            return True
+        if value.const_value is not None:
+            return True
+        if value.is_graph_input() or depth > 64:
+            return False
+        if id(value) in memo:
+            return memo[id(value)]
+        node = value.producer()
+        result = node is not None and node.op_type not in ("RandomNormal", "RandomUniform", "Multinomial") \
+            and all(constant_derived(v, depth + 1) for v in node.inputs)
+        memo[id(value)] = result
+        return result
+
+    for node in graph:
+        if node.op_type in op_types or node.op_type == "Gather":
+            idx = 0 if node.op_type == "Gather" else 1
+            if len(node.inputs) > idx and constant_chain(node.inputs[idx]) is None \
+                    and constant_derived(node.inputs[idx]):
+                return True
+    return False

@@ -57,3 +57,25 @@ def expand_blocks(p: np.ndarray, shape: Sequence[int], block_shape: Sequence[int
         if out.shape[axis] != d:
             out = np.take(out, np.arange(d), axis=axis)
     return out
+
+
+def blockwise(x: np.ndarray, block_shape: Sequence[int], fn: Callable[..., np.ndarray], *params: np.ndarray) -> np.ndarray:
+    """``fn(x_blocks, *params_blocks)`` elementwise with per-block ``params``, without expanding them.
+
+    ``x`` is viewed as ``[n0, b0, n1, b1, ...]`` (padded at the end where a block is short) and each
+    per-block array as ``[n0, 1, n1, 1, ...]``, so broadcasting does the expansion for free.
+    """
+    block_shape = _clamp_block_shape(x.shape, block_shape)
+    nb = num_blocks(x.shape, block_shape)
+    pad = [(0, n * b - d) for n, b, d in zip(nb, block_shape, x.shape)]
+    padded = np.pad(x, pad) if any(p[1] for p in pad) else x
+    split: list[int] = []
+    pshape: list[int] = []
+    for n, b in zip(nb, block_shape):
+        split += [n, b]
+        pshape += [n, 1]
+    out = fn(padded.reshape(split), *(np.asarray(p).reshape(pshape) for p in params))
+    out = out.reshape(padded.shape)
+    if padded is not x:
+        out = out[tuple(slice(0, d) for d in x.shape)]
+    return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxfgq.quant.blocks import block_reduce, expand_blocks
+from onnxfgq.quant.blocks import block_reduce, blockwise
 
 _TINY = np.float32(1e-12)
 
@@ -86,16 +86,23 @@ def compute_qparams(
 
 def quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
     """Integer codes (int32) for ``w``, rounded to nearest (ties to even) and clipped to the range."""
-    scale = expand_blocks(qp.scale, w.shape, qp.block_shape)
-    zp = expand_blocks(qp.zero_point, w.shape, qp.block_shape)
-    q = np.round(np.asarray(w, dtype=np.float32) / scale) + zp
-    return np.clip(q, qp.qr.qmin, qp.qr.qmax).astype(np.int32)
+    lo, hi = qp.qr.qmin, qp.qr.qmax
+
+    def fn(x, scale, zp):
+        q = np.divide(x, scale)
+        np.round(q, out=q)
+        q += zp
+        np.clip(q, lo, hi, out=q)
+        return q.astype(np.int32)
+
+    return blockwise(np.asarray(w, dtype=np.float32), qp.block_shape, fn, qp.scale, qp.zero_point)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
-    scale = expand_blocks(qp.scale, q.shape, qp.block_shape)
-    zp = expand_blocks(qp.zero_point, q.shape, qp.block_shape)
-    return ((q.astype(np.int32) - zp).astype(np.float32) * scale).astype(np.float32)
+    def fn(x, scale, zp):
+        return (x - zp).astype(np.float32) * scale
+
+    return blockwise(np.asarray(q, dtype=np.int32), qp.block_shape, fn, qp.scale, qp.zero_point)
 
 
 def fake_quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
@@ -104,10 +111,11 @@ def fake_quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf for an exact match)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    err = ref - np.asarray(approx, dtype=np.float64)
-    noise = float(np.sum(err * err))
-    signal = float(np.sum(ref * ref))
+    ref = np.asarray(reference).ravel()
+    err = (ref - np.asarray(approx).ravel()).astype(np.float64)
+    ref = ref.astype(np.float64)
+    noise = float(np.dot(err, err))
+    signal = float(np.dot(ref, ref))
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxfgq.quant.blocks import expand_blocks, num_blocks
+from onnxfgq.quant.blocks import expand_blocks
 from onnxfgq.quant.core import QParams
 
 
-def column_blocks(p: np.ndarray, qp: QParams, shape_kn: tuple[int, int], block_k: int) -> np.ndarray:
-    """Per-block values ``p`` over ``[K, N]`` sampled at ``block_k`` steps along K -> ``[N, ceil(K/block_k)]``.
+def resample_blocks(p: np.ndarray, qp: QParams, shape: tuple[int, ...], axis: int, block: int) -> np.ndarray:
+    """Per-block values ``p`` of a 2-D weight re-expressed as one value per ``block`` elements along
+    ``axis``, with that axis moved last: ``[K, N]`` with axis 0 gives ``[N, ceil(K/block)]``.
 
-    ``block_k`` must tile each original block (a divisor of it, or at least K), which holds for
+    ``block`` must tile each original block (divide it, or span the whole axis), which holds for
     the block sizes the emitters pick.
     """
-    k, n = shape_kn
-    bk, bn = qp.block_shape
-    if bn == 1 and bk == min(block_k, k) and p.shape == num_blocks(shape_kn, (bk, 1)):
-        return np.ascontiguousarray(p.T)  # already in the right blocks: avoid the expansion
-    full = expand_blocks(p, shape_kn, qp.block_shape)
-    return np.ascontiguousarray(full[::block_k, :].T)
+    other = 1 - axis
+    if qp.block_shape[other] == 1 and qp.block_shape[axis] == min(block, shape[axis]):
+        return np.ascontiguousarray(np.moveaxis(p, axis, -1))  # already per block: no expansion
+    full = expand_blocks(p, shape, qp.block_shape)
+    sampled = full[::block, :] if axis == 0 else full[:, ::block]
+    return np.ascontiguousarray(np.moveaxis(sampled, axis, -1))
 
 
 def signed_codes(codes: np.ndarray, bits: int) -> np.ndarray:
