@@ -1,5 +1,7 @@
 // CPU driver (task split, run-time ISA dispatch) and the portable scalar variant.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "block_quant.h"
@@ -43,6 +45,13 @@ float DotScalar(const float* a, const float* w, int64_t len) {
     for (int i = 0; i < 8; ++i) acc[i] += a[k + i] * w[k + i];
   for (; k < len; ++k) acc[k & 7] += a[k] * w[k];
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// ONNXFGQ_CPU_KERNEL=scalar forces the portable variant (tests, comparisons).
+bool UseAvx2() {
+  const char* forced = std::getenv("ONNXFGQ_CPU_KERNEL");
+  if (forced != nullptr && std::strcmp(forced, "scalar") == 0) return false;
+  return HasAvx2();
 }
 
 struct TaskSet {
@@ -98,14 +107,14 @@ void TileScalar(const CpuProblem& p, int64_t n0, int64_t n1, float* scratch) {
       p.y[m * p.n + n] = DotScalar(p.a + m * p.k, tile + (n - n0) * p.k, p.k);
 }
 
-const char* CpuVariantName() { return HasAvx2() ? "avx2" : "scalar"; }
+const char* CpuVariantName() { return UseAvx2() ? "avx2" : "scalar"; }
 
 void CpuMatMulBlockQuant(const CpuProblem& p, ParallelForFn parallel_for, void* pool) {
   if (p.m == 0 || p.n == 0) return;
   TaskSet t;
   t.p = &p;
   t.prefill = p.m >= kPrefillMinRows;
-  t.avx2 = HasAvx2();
+  t.avx2 = UseAvx2();
   // Decode: small column ranges balance well and each column is one pass over its bytes.
   // Prefill: 32 columns per tile amortise the dequantisation over all M rows.
   t.cols_per_task = t.prefill ? 32 : 16;

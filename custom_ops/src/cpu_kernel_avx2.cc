@@ -87,15 +87,18 @@ struct Decoder {
 
 // Decode path with block_size % 8 == 0: every 8-code chunk sits in one group, so codes are
 // decoded in registers, turned into weights with one FMA and used for all MR rows of A.
+// U independent accumulators per row hide the FMA latency when MR is small.
 template <int BITS, int MR>
 void ColumnFused(const CpuProblem& p, const Decoder& dec, int64_t n, const float* s, const float* o,
                  const float* a, float* y) {
+  constexpr int U = MR >= 4 ? 1 : (MR >= 2 ? 2 : 4);
   const uint8_t* row = p.b + n * p.row_bytes;
   const uint8_t* row_end = row + p.row_bytes;
   const int64_t K = p.k;
   const int64_t k_full = K & ~int64_t{7};
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[MR][U];
+  for (int r = 0; r < MR; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t k0 = g * p.block_size;
     const int64_t k1 = std::min(K, k0 + p.block_size);
@@ -103,18 +106,30 @@ void ColumnFused(const CpuProblem& p, const Decoder& dec, int64_t n, const float
     const __m256 sv = _mm256_set1_ps(s[g]);
     const __m256 ov = _mm256_set1_ps(o[g]);
     int64_t k = k0;
+    for (; k + 8 * U <= k1_full; k += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m256 w =
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(row, row_end, k + 8 * u)), sv, ov);
+        for (int r = 0; r < MR; ++r)
+          acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a + r * K + k + 8 * u), acc[r][u]);
+      }
+    }
     for (; k < k1_full; k += 8) {
       const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(row, row_end, k)), sv, ov);
-      for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a + r * K + k), acc[r]);
+      for (int r = 0; r < MR; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a + r * K + k), acc[r][0]);
     }
     if (k < k1) {  // last partial chunk of the row
       const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Safe(row, row_end, k)), sv, ov);
       const __m256i m = TailMask(K - k);
       for (int r = 0; r < MR; ++r)
-        acc[r] = _mm256_fmadd_ps(w, _mm256_maskload_ps(a + r * K + k, m), acc[r]);
+        acc[r][0] = _mm256_fmadd_ps(w, _mm256_maskload_ps(a + r * K + k, m), acc[r][0]);
     }
   }
-  for (int r = 0; r < MR; ++r) y[r * p.n] = HorizontalSum(acc[r]);
+  for (int r = 0; r < MR; ++r) {
+    __m256 t = acc[r][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[r][u]);
+    y[r * p.n] = HorizontalSum(t);
+  }
 }
 
 // Dequantised weights of column n into w[0, K) (any block size), zero-padded to a multiple of 8.

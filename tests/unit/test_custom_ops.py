@@ -134,6 +134,14 @@ def test_three_dimensional_a(library, m_shape):
     check(library, m_shape=m_shape, n=40, k=96, bits=4, block_size=32)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("block_size", [32, 48, 20])
+@pytest.mark.parametrize("m", [1, 5, 67])
+def test_portable_scalar_variant(library, monkeypatch, bits, block_size, m):
+    monkeypatch.setenv("ONNXFGQ_CPU_KERNEL", "scalar")
+    check(library, m_shape=(m,), n=73, k=123, bits=bits, block_size=block_size, zp_kind="float", seed=m + bits)
+
+
 def test_larger_layer_uses_many_tasks(library):
     check(library, m_shape=(3,), n=517, k=1000, bits=4, block_size=128, seed=7)
     check(library, m_shape=(33,), n=517, k=1000, bits=5, block_size=64, seed=8)
