@@ -25,6 +25,7 @@ class Granularity(str, Enum):
     TENSOR = "tensor"
     CHANNEL = "channel"
     GROUP = "group"
+    ADAPTIVE = "adaptive"  # per matrix: the coarsest group size whose error stays under max_error
 
 
 class OutputFormat(str, Enum):
@@ -41,7 +42,24 @@ class Simplify(str, Enum):
 
 
 class Algorithm(str, Enum):
+    """How each weight is solved; ``a+b`` runs both (AWQ scales first, then GPTQ and/or clipping)."""
+
     RTN = "rtn"
+    CLIP = "clip"
+    GPTQ = "gptq"
+    GPTQ_CLIP = "gptq+clip"
+    AWQ = "awq"
+    AWQ_CLIP = "awq+clip"
+    AWQ_GPTQ = "awq+gptq"
+    AWQ_GPTQ_CLIP = "awq+gptq+clip"
+
+    @property
+    def parts(self) -> frozenset[str]:
+        return frozenset(self.value.split("+"))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.parts & {"gptq", "awq"})
 
 
 MATMULNBITS_BITS = (2, 4, 8)
@@ -64,6 +82,14 @@ class WeightConfig:
     algorithm: Algorithm = Algorithm.RTN
     format: OutputFormat = OutputFormat.AUTO
     accuracy_level: int = 0
+    # Calibrated weight-only quantization (GPTQ, AWQ, output-error clipping / adaptive / mixed):
+    calibration: str = ""  # data source spec ('text:FILE', a folder of .npz, 'random'); '' = none
+    calibration_samples: int = 128
+    calibration_batch_size: int = 16
+    gptq_damp: float = 0.01  # fraction of mean(diag H) added to the Hessian's diagonal
+    gptq_act_order: bool = True  # salient rows first, static groups (plain per-group output)
+    max_error: float = 0.01  # adaptive: per-layer relative error budget (output error with calibration)
+    target_bits: float = 0.0  # > 0: per-layer bit width (and block, if adaptive) under this average
 
     def block_shape(self, shape: tuple[int, ...], reduced_axis: int, channel_axis: int) -> tuple[int, ...]:
         """Block shape over a weight of ``shape``: the torchao convention, one tuple for every granularity.
@@ -75,6 +101,7 @@ class WeightConfig:
             return tuple(shape)
         if self.granularity is Granularity.CHANNEL:
             return tuple(1 if i == channel_axis else d for i, d in enumerate(shape))
+        # GROUP; ADAPTIVE starts from block_size and the planner replaces it per weight
         return tuple(min(self.block_size, d) if i == reduced_axis else 1 for i, d in enumerate(shape))
 
     def validate(self) -> None:
@@ -84,6 +111,16 @@ class WeightConfig:
             raise ConfigError("--block-size", f"must be >= 1, got {self.block_size}")
         if not 0 <= self.accuracy_level <= 4:
             raise ConfigError("--accuracy-level", f"must be 0..4, got {self.accuracy_level}")
+        if self.algorithm.needs_calibration and not self.calibration:
+            raise ConfigError("--algo", f"{self.algorithm.value} needs calibration data: pass --calibration SRC")
+        if self.calibration_samples < 1 or self.calibration_batch_size < 1:
+            raise ConfigError("--calib-samples", "samples and batch size must be >= 1")
+        if self.granularity is Granularity.ADAPTIVE and not self.max_error > 0 and not self.target_bits:
+            raise ConfigError("--max-error", f"adaptive granularity needs a budget > 0, got {self.max_error}")
+        if self.target_bits and not 1.0 < self.target_bits <= 16.0:
+            raise ConfigError("--target-bits", f"must be in (1, 16], got {self.target_bits}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise ConfigError("--gptq-damp", f"must be in (0, 1), got {self.gptq_damp}")
         fmt = self.format
         if fmt is OutputFormat.MATMULNBITS:
             reason = self.matmulnbits_problem()
@@ -126,14 +163,87 @@ class Selection:
     quantize_embeddings: bool = False
 
 
+class ObserverKind(str, Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class ActivationType(str, Enum):
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+
+STATIC_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Static quantization: int8/uint8 QDQ on activations plus per-channel int8 weights.
+
+    ``calibration`` is a data source spec (see ``onnxfgq.calibration.sources``) or a ranges.json
+    written by ``onnxfgq calibrate``. ``max_error`` is the accuracy guard's budget on the model's
+    output against FP32, measured on calibration data: ``cosine:0.99`` (mean cosine at least 0.99)
+    or ``sqnr:30`` (at least 30 dB); ``none`` turns the guard off.
+    """
+
+    dtype: ActivationType = ActivationType.UINT8
+    symmetric: bool = False
+    observer: ObserverKind = ObserverKind.PERCENTILE
+    percentile: float = 99.99
+    calibration: str = "random"
+    num_samples: int = 128
+    batch_size: int = 16
+    max_error: str = "cosine:0.99"
+    guard_samples: int = 64  # calibration samples the accuracy guard measures on
+    op_types: tuple[str, ...] = STATIC_OP_TYPES
+    neighbours: bool = True  # also Add/Mul/Concat/pooling between quantized nodes
+
+    def error_budget(self) -> tuple[str, float] | None:
+        """(metric, threshold) of ``max_error``, or None when the guard is off."""
+        text = self.max_error.strip().lower()
+        if text in ("", "none", "off"):
+            return None
+        metric, sep, value = text.partition(":")
+        if not sep:
+            metric, value = ("cosine" if _is_number(text) and float(text) <= 1 else "sqnr"), text
+        if metric not in ("cosine", "sqnr") or not _is_number(value):
+            raise ConfigError("--max-error", f"expected cosine:FLOAT, sqnr:DB or none, got {self.max_error!r}")
+        return metric, float(value)
+
+    def validate(self) -> None:
+        self.error_budget()
+        if self.num_samples < 1:
+            raise ConfigError("--calib-samples", f"must be >= 1, got {self.num_samples}")
+        if self.batch_size < 1:
+            raise ConfigError("--calib-batch-size", f"must be >= 1, got {self.batch_size}")
+        if not 50 < self.percentile <= 100:
+            raise ConfigError("--percentile", f"must be in (50, 100], got {self.percentile}")
+        unknown = set(self.op_types) - set(STATIC_OP_TYPES)
+        if unknown:
+            raise ConfigError("--op-types", f"static mode quantizes {STATIC_OP_TYPES}, not {sorted(unknown)}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     weights: WeightConfig = field(default_factory=WeightConfig)
     selection: Selection = field(default_factory=Selection)
     simplify: Simplify = Simplify.AUTO  # onnxsim before looking for weights
+    activations: ActivationConfig | None = None  # None: weight-only; set: static int8 (weights + activations)
 
     def validate(self) -> None:
         self.weights.validate()
+        if self.activations is not None:
+            self.activations.validate()
         if self.selection.min_elements < 0:
             raise ConfigError("--min-elements", "must be >= 0")
 
@@ -162,7 +272,9 @@ def _from_plain(cls: type, data: dict[str, Any]) -> Any:
         if name not in hints:
             raise ConfigError(name, f"unknown field of {cls.__name__}")
         default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
+        if default is None and isinstance(value, dict) and name in _OPTIONAL_SECTIONS:
+            kwargs[name] = _from_plain(_OPTIONAL_SECTIONS[name], value)
+        elif dataclasses.is_dataclass(default):
             kwargs[name] = _from_plain(type(default), value)
         elif isinstance(default, Enum):
             kwargs[name] = type(default)(value)
@@ -171,3 +283,6 @@ def _from_plain(cls: type, data: dict[str, Any]) -> Any:
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+_OPTIONAL_SECTIONS: dict[str, type] = {"activations": ActivationConfig}  # fields whose default is None

@@ -1,0 +1,352 @@
+"""Static int8 quantization (weights + activations) with an automatic accuracy guard.
+
+    prepare (fold BatchNorm, onnxsim, opset >= 13) -> plan units (graph/qdq_static)
+    -> calibrate ranges (calibration/collect + observers, streamed) -> build QDQ model
+    -> guard: measure the output against FP32 on calibration data; while over budget, keep the most
+       sensitive units in float (sensitivity = the error each unit causes when quantized alone).
+
+Ranges can come from a ranges.json written by :func:`save_ranges` (``onnxfgq calibrate``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxfgq.calibration.collect import Collector
+from onnxfgq.calibration.observers import MinMaxObserver, make_observer
+from onnxfgq.calibration.sources import CalibrationDataReader, iterate
+from onnxfgq.config import ActivationConfig, ActivationType, QuantizeConfig, Simplify
+from onnxfgq.errors import NothingToQuantizeError, OnnxfgqError
+from onnxfgq.evaluate import OutputAgreement
+from onnxfgq.graph import io, passes
+from onnxfgq.graph.fold import fold_batchnorms
+from onnxfgq.graph.qdq_static import Plan, TensorQuant, Unit, WeightQuant, insert_qdq, plan_static
+from onnxfgq.quant import QParams, qrange, quantize, sqnr_db, dequantize
+from onnxfgq.quant.static import activation_qparams, quantize_bias
+from onnxfgq.report import LayerReport, Report
+
+Progress = Callable[[Iterable, int, str], Iterable]
+ReaderFactory = Callable[[], CalibrationDataReader]
+STATIC_OPSET = 13  # per-channel DequantizeLinear
+RANGES_FORMAT = "onnxfgq-ranges/1"
+OUTLIER_RATIO = 1e3  # a tensor whose extremes exceed its calibrated range this much is outlier-dominated
+
+
+class CalibrationError(OnnxfgqError):
+    """Calibration data or ranges that cannot be used."""
+
+
+def _no_progress(items: Iterable, total: int, label: str) -> Iterable:
+    del total, label
+    return items
+
+
+@dataclass
+class Ranges:
+    """Calibrated per-tensor ranges of the prepared model's tensors."""
+
+    ranges: dict[str, tuple[float, float]]
+    minmax: dict[str, tuple[float, float]]
+    observer: str
+    samples: int
+    data: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"format": RANGES_FORMAT, "observer": self.observer, "samples": self.samples,
+                           "data": self.data,
+                           "tensors": {k: {"range": list(v), "minmax": list(self.minmax.get(k, v))}
+                                       for k, v in self.ranges.items()}}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Ranges":
+        d = json.loads(text)
+        if d.get("format") != RANGES_FORMAT:
+            raise CalibrationError(f"not an onnxfgq ranges file (format {d.get('format')!r})")
+        t = d["tensors"]
+        return cls({k: tuple(v["range"]) for k, v in t.items()}, {k: tuple(v["minmax"]) for k, v in t.items()},
+                   d.get("observer", ""), int(d.get("samples", 0)), d.get("data", ""))
+
+
+def save_ranges(ranges: Ranges, path: str | Path) -> None:
+    Path(path).write_text(ranges.to_json())
+
+
+def load_ranges(path: str | Path) -> Ranges:
+    try:
+        return Ranges.from_json(Path(path).read_text())
+    except (OSError, ValueError, KeyError) as exc:
+        raise CalibrationError(f"{path}: cannot read ranges ({exc})") from None
+
+
+def prepare(model: ir.Model, simplify: Simplify = Simplify.AUTO) -> tuple[ir.Model, list[str]]:
+    """Fold BatchNorm, simplify, and raise the opset to 13: the graph calibration and QDQ both see.
+
+    Deterministic, so tensor names in a ranges.json match a later run on the same model."""
+    notes = fold_batchnorms(model)
+    passes.remove_unused(model)
+    if simplify is not Simplify.NEVER:
+        result = io.simplify(model)
+        model = result.model
+        notes.append(result.note)
+        notes += fold_batchnorms(model)  # onnxsim may expose more (e.g. through Identity)
+    note = passes.upgrade_opset(model, STATIC_OPSET)
+    if note:
+        notes.append(note)
+    return model, notes
+
+
+def calibrate(model: ir.Model, plan: Plan, reader: CalibrationDataReader, config: ActivationConfig, *,
+              progress: Progress = _no_progress, total: int = 0, data: str = "") -> Ranges:
+    """Stream ``reader`` through ``model`` into one observer (plus a MinMax) per planned tensor."""
+    names = plan.tensors()
+    options = {"percentile": config.percentile} if config.observer.value == "percentile" else {}
+    observers = {n: make_observer(config.observer.value, None, **options) for n in names}
+    extremes = {n: MinMaxObserver() for n in names}
+    counter = _SampleCounter()
+    sinks = {n: [observers[n], extremes[n]] for n in names}
+    if names:
+        sinks[names[0]] = [*sinks[names[0]], counter]
+    Collector(model, names).run(reader, sinks, progress=progress, total=total)
+    if not counter.samples and names:
+        raise CalibrationError("the calibration data source gave no samples")
+    ranges = {n: tuple(float(v) for v in observers[n].range()) for n in names}
+    minmax = {n: tuple(float(v) for v in extremes[n].range()) for n in names}
+    return Ranges(ranges, minmax, config.observer.value, counter.samples, data)
+
+
+class _SampleCounter:
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def __call__(self, x: np.ndarray) -> None:
+        self.samples += int(x.shape[0]) if x.ndim else 1
+
+
+def _weight_quant(unit: Unit, x_scale: float | None) -> tuple[WeightQuant, float]:
+    """Per-channel symmetric int8 weight in [-127, 127] (no int16 saturation in u8s8 kernels), int32 bias."""
+    w = unit.weight().astype(np.float32)
+    axis = unit.weight_axis
+    block = tuple(1 if i == axis else d for i, d in enumerate(w.shape))
+    from onnxfgq.quant.blocks import block_reduce
+
+    absmax = block_reduce(np.abs(w), block, np.max)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    qp = QParams(scale, np.zeros(scale.shape, np.int32), block, qrange(8, True))
+    codes = quantize(w, qp)
+    wq_sqnr = sqnr_db(w, dequantize(codes, qp))
+    per_channel = scale.reshape(-1)
+    bias = unit.bias()
+    b_codes = b_scale = None
+    if bias is not None and x_scale is not None and bias.size == per_channel.size:
+        b_codes, b_scale = quantize_bias(bias.reshape(-1), x_scale, per_channel)
+    return WeightQuant(codes.astype(np.int8), per_channel, axis, b_codes, b_scale), wq_sqnr
+
+
+def _tensor_quant(lo: float, hi: float, config: ActivationConfig) -> TensorQuant:
+    signed = config.dtype is ActivationType.INT8
+    qp = activation_qparams(lo, hi, signed=signed, symmetric=config.symmetric)
+    return TensorQuant(float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]),
+                       ir.DataType.INT8 if signed else ir.DataType.UINT8)
+
+
+def build(prepared: ir.Model, names: set[str], ranges: Ranges, config: ActivationConfig) -> ir.Model:
+    """A copy of ``prepared`` with the units named ``names`` quantized."""
+    model = ir.from_proto(ir.to_proto(prepared))
+    plan = plan_static(model.graph, config.op_types, _neighbour_ops(config))
+    units = [u for u in plan.active if u.name in names]
+    tensors = {t: _tensor_quant(*ranges.ranges[t], config) for u in units for t in u.tensors}
+    weights = {}
+    for u in units:
+        if u.weight_index is not None:
+            x = tensors.get(u.inputs[0]) if u.inputs else None
+            weights[u.name] = _weight_quant(u, x.scale if x else None)[0]
+    insert_qdq(model, units, tensors, weights)
+    passes.remove_unused(model)
+    return model
+
+
+def _neighbour_ops(config: ActivationConfig) -> tuple[str, ...]:
+    from onnxfgq.graph.qdq_static import NEIGHBOUR_OPS
+
+    return NEIGHBOUR_OPS if config.neighbours else ()
+
+
+class Guard:
+    """Output agreement with FP32 on a bounded set of calibration batches, kept in memory."""
+
+    def __init__(self, prepared: ir.Model, batches: list[dict[str, np.ndarray]], metric: str, threshold: float):
+        self.batches, self.metric, self.threshold = batches, metric, threshold
+        self.reference = [self._session(prepared).run(None, b)[0] for b in batches]
+        self.evaluations = 0
+
+    @staticmethod
+    def _session(model: ir.Model):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def measure(self, model: ir.Model) -> dict[str, float]:
+        self.evaluations += 1
+        sess = self._session(model)
+        agreement = OutputAgreement()
+        for b, ref in zip(self.batches, self.reference):
+            agreement.update(ref, sess.run(None, b)[0])
+        return agreement.metrics(with_top1=self.reference[0].ndim > 1 and self.reference[0].shape[-1] > 1)
+
+    def value(self, metrics: dict[str, float]) -> float:
+        return metrics["cosine_mean"] if self.metric == "cosine" else metrics["sqnr_db"]
+
+    def ok(self, metrics: dict[str, float]) -> bool:
+        return self.value(metrics) >= self.threshold
+
+    def deficit(self, metrics: dict[str, float]) -> float:
+        """Additive error measure: 1 - cosine, or noise/signal power."""
+        if self.metric == "cosine":
+            return max(0.0, 1.0 - metrics["cosine_mean"])
+        return 10 ** (-metrics["sqnr_db"] / 10)
+
+    def budget(self) -> float:
+        return 1.0 - self.threshold if self.metric == "cosine" else 10 ** (-self.threshold / 10)
+
+
+def _take_samples(reader: CalibrationDataReader, samples: int) -> list[dict[str, np.ndarray]]:
+    out, n = [], 0
+    for feed in iterate(reader):
+        out.append(feed)
+        n += next(iter(feed.values())).shape[0] if feed else 1
+        if n >= samples:
+            break
+    return out
+
+
+def quantize_static(model: ir.Model, config: QuantizeConfig, *, data: ReaderFactory | None = None,
+                    ranges: Ranges | None = None, progress: Progress = _no_progress,
+                    data_label: str = "") -> tuple[ir.Model, Report]:
+    """Quantize ``model`` (handed over: it may be modified) statically; returns the model and report.
+
+    ``data()`` opens a fresh calibration reader (called once for ranges unless ``ranges`` is given,
+    once for the guard's samples). Without data the guard is skipped and the report says so.
+    """
+    act = config.activations or ActivationConfig()
+    config.validate()
+    started = time.perf_counter()
+    report = Report(config=json.loads(config.to_json()))
+    prepared, notes = prepare(model, config.simplify)
+    report.notes += notes
+    plan = plan_static(prepared.graph, act.op_types, _neighbour_ops(act))
+    if not plan.active:
+        reasons = sorted({u.skip_reason for u in plan.units if u.skip_reason})
+        raise NothingToQuantizeError(f"nothing to quantize statically: no {'/'.join(act.op_types)} node "
+                                     f"can be quantized{' (' + '; '.join(reasons) + ')' if reasons else ''}")
+    if ranges is None:
+        if data is None:
+            raise CalibrationError("static quantization needs calibration data or a ranges.json")
+        ranges = calibrate(prepared, plan, data(), act, progress=progress, total=_batches(act), data=data_label)
+        report.notes.append(f"calibrated {len(ranges.ranges)} tensors on {ranges.samples} samples "
+                            f"({ranges.observer} observer)")
+    reasons = _range_problems(plan, ranges)
+    chosen = {u.name for u in plan.active if u.name not in reasons}
+    guard_reasons: dict[str, str] = {}
+    budget = act.error_budget()
+    qmodel = build(prepared, chosen, ranges, act)
+    if budget is not None and data is not None:
+        guard = Guard(prepared, _take_samples(data(), act.guard_samples), *budget)
+        chosen, guard_reasons, metrics = _guard(prepared, chosen, ranges, act, guard, progress)
+        qmodel = build(prepared, chosen, ranges, act)
+        report.notes.append(
+            f"accuracy guard: {budget[0]} {guard.value(metrics):.4f} vs FP32 on {act.guard_samples} calibration "
+            f"samples (budget {budget[0]} >= {budget[1]}); {len(guard_reasons)} node(s) kept float; "
+            f"{guard.evaluations} evaluations")
+        if not guard.ok(metrics):
+            report.notes.append("accuracy guard: the budget could not be met even with every sensitive node in float")
+    elif budget is not None:
+        report.notes.append("accuracy guard skipped: no calibration data (ranges only)")
+    reasons.update(guard_reasons)
+    report.layers = _layers(plan, chosen, reasons, ranges, act)
+    report.seconds = time.perf_counter() - started
+    return qmodel, report
+
+
+def _batches(act: ActivationConfig) -> int:
+    return -(-act.num_samples // act.batch_size)
+
+
+def _range_problems(plan: Plan, ranges: Ranges) -> dict[str, str]:
+    """Units whose tensors have no range, or whose extremes dwarf the calibrated range (outliers)."""
+    problems = {}
+    for u in plan.active:
+        for t in u.tensors:
+            if t not in ranges.ranges:
+                problems[u.name] = f"no calibrated range for {t}"
+                break
+            lo, hi = ranges.ranges[t]
+            mlo, mhi = ranges.minmax.get(t, (lo, hi))
+            width = max(hi - lo, 1e-30)
+            if max(abs(mlo), abs(mhi)) > OUTLIER_RATIO * width:
+                problems[u.name] = (f"range of {t} is dominated by outliers (extremes {mlo:.3g}..{mhi:.3g}, "
+                                    f"calibrated {lo:.3g}..{hi:.3g})")
+                break
+    return problems
+
+
+def _guard(prepared: ir.Model, chosen: set[str], ranges: Ranges, act: ActivationConfig, guard: Guard,
+           progress: Progress) -> tuple[set[str], dict[str, str], dict[str, float]]:
+    metrics = guard.measure(build(prepared, chosen, ranges, act))
+    if guard.ok(metrics) or not chosen:
+        return chosen, {}, metrics
+    # Sensitivity: the error each unit causes when it alone is quantized (errors add up roughly).
+    cost = {}
+    for name in progress(sorted(chosen), len(chosen), "sensitivity"):
+        cost[name] = guard.deficit(guard.measure(build(prepared, {name}, ranges, act)))
+    order = sorted(chosen, key=lambda n: -cost[n])
+    kept = set(chosen)
+    reasons: dict[str, str] = {}
+
+    def drop(name: str) -> None:
+        kept.discard(name)
+        reasons[name] = (f"kept float by the accuracy guard: quantized alone it costs "
+                         f"{'1 - cosine' if guard.metric == 'cosine' else 'noise/signal'} {cost[name]:.2e}")
+
+    # First cut: drop the most sensitive units until the predicted total fits 80% of the budget.
+    total = sum(cost.values())
+    for name in order:
+        if total <= 0.8 * guard.budget():
+            break
+        drop(name)
+        total -= cost[name]
+    metrics = guard.measure(build(prepared, kept, ranges, act))
+    for name in order:  # then one at a time, measured, until it really fits
+        if guard.ok(metrics) or not kept:
+            break
+        if name in kept:
+            drop(name)
+            metrics = guard.measure(build(prepared, kept, ranges, act))
+    return kept, reasons, metrics
+
+
+def _layers(plan: Plan, chosen: set[str], reasons: dict[str, str], ranges: Ranges,
+            act: ActivationConfig) -> list[LayerReport]:
+    layers = []
+    for u in plan.units:
+        w = u.weight() if u.weight_index is not None and u.skip_reason is None else None
+        shape = tuple(int(d) for d in w.shape) if w is not None else ()
+        if u.name in chosen:
+            layer = LayerReport(u.name, u.node.op_type, shape, "quantized", bits=8,
+                                block="channel" if w is not None else "", format=f"qdq {act.dtype.value}",
+                                algorithm=ranges.observer)
+            if w is not None:
+                layer.sqnr_db = _weight_quant(u, None)[1]
+        else:
+            layer = LayerReport(u.name, u.node.op_type, shape, "skipped",
+                                reason=u.skip_reason or reasons.get(u.name, "not selected"))
+        layers.append(layer)
+    return layers
