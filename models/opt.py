@@ -46,13 +46,13 @@ class Dims:
 
 
 TINY = Dims(hidden=64, layers=2, heads=4, ffn=256, context=64)
-SMALL = Dims(hidden=256, layers=4, heads=4, ffn=1024, context=128)
+SMALL = Dims(hidden=192, layers=4, heads=4, ffn=768, context=128)
 
 
 @dataclass(frozen=True)
 class Training:
     steps: int = 600
-    batch: int = 32
+    batch: int = 24
     lr: float = 2e-3
     warmup: int = 50
     seed: int = 0

@@ -1,0 +1,72 @@
+"""Per-layer precision under a size budget: pick one option (bit width, block layout) per layer to
+minimise the summed measured sensitivity (relative output error on calibration data, or relative
+weight error) while the average stored bits per weight, scales and zero points included, stays at or
+under ``target_bits``.
+
+A Lagrangian allocation: for a price ``lam`` each layer takes ``argmin(error + lam * bits / weights)``;
+``lam`` is bisected to the cheapest price that fits the budget, then any budget left is spent
+greedily on the upgrades that buy the most error per bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from onnxfgq.algorithms.adaptive import Choice
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def average_bits(picks: Sequence[Choice], sizes: Sequence[int]) -> float:
+    return sum(c.storage_bits for c in picks) / max(sum(sizes), 1)
+
+
+def allocate(options: Sequence[Sequence[Choice]], sizes: Sequence[int], target_bits: float) -> list[Choice]:
+    """One choice per layer (``options[i]``, a layer of ``sizes[i]`` weights) under ``target_bits``."""
+    total = sum(sizes)
+    budget = target_bits * total
+    cheapest = [min(o, key=lambda c: (c.storage_bits, c.error)) for o in options]
+    floor = sum(c.storage_bits for c in cheapest)
+    if floor > budget:
+        raise BudgetError(f"--target-bits {target_bits}: even the cheapest options need "
+                          f"{floor / total:.3f} bits per weight")
+
+    def pick(lam: float) -> list[Choice]:
+        return [min(o, key=lambda c: (c.error + lam * c.storage_bits / n, c.storage_bits))
+                for o, n in zip(options, sizes)]
+
+    lo, hi = 0.0, 1.0
+    while sum(c.storage_bits for c in pick(hi)) > budget and hi < 1e12:
+        hi *= 4
+    if sum(c.storage_bits for c in pick(lo)) <= budget:
+        picks = pick(lo)
+    else:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if sum(c.storage_bits for c in pick(mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+        picks = pick(hi)
+    return _spend_rest(options, picks, budget)
+
+
+def _spend_rest(options: Sequence[Sequence[Choice]], picks: list[Choice], budget: float) -> list[Choice]:
+    used = sum(c.storage_bits for c in picks)
+    while True:
+        best = None
+        for i, o in enumerate(options):
+            for c in o:
+                extra = c.storage_bits - picks[i].storage_bits
+                gain = picks[i].error - c.error
+                if gain > 0 and extra >= 0 and used + extra <= budget:
+                    ratio = gain / max(extra, 1)
+                    if best is None or ratio > best[0]:
+                        best = (ratio, i, c, extra)
+        if best is None:
+            return picks
+        _, i, c, extra = best
+        picks[i] = c
+        used += extra
