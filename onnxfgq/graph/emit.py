@@ -105,9 +105,28 @@ class MatMulNBitsEmitter(Emitter):
     format = OutputFormat.MATMULNBITS
 
     def block_k(self, k: int) -> int:
+        """The MatMulNBits block for a reduced axis of ``k``: the configured group, or for channel and
+        tensor granularity the power of two >= 16 that stores codes + repeated scales in the fewest
+        bytes (a block spanning K pads the codes up to a power of two; a divisor of K does not)."""
         if self.config.granularity is Granularity.GROUP:
             return self.config.block_size
-        return max(16, 1 << math.ceil(math.log2(k)))
+        top = max(16, 1 << math.ceil(math.log2(k)))
+        candidates = [1 << i for i in range(4, top.bit_length())]
+
+        def nbytes(b: int) -> float:
+            blocks = math.ceil(k / b)
+            return blocks * b * self.config.bits / 8 + blocks * 4
+        return min(candidates, key=lambda b: (nbytes(b), -b))
+
+    def weight_block_k(self, k: int, qw: QuantizedWeight) -> int:
+        """The weight's own group size when it is group-wise along K (adaptive granularity and mixed
+        precision choose one per weight), else the configured layout."""
+        bk, bn = qw.qparams.block_shape
+        if bn == 1 and bk < k:
+            if bk < 16 or bk & (bk - 1):
+                raise ValueError(f"MatMulNBits needs a power-of-two block >= 16, not {bk}")
+            return bk
+        return self.block_k(k)
 
     def can_emit(self, target: Target) -> str | None:
         if target.kind == "gather":
@@ -120,7 +139,7 @@ class MatMulNBitsEmitter(Emitter):
         if target.kind == "gather":
             return self._emit_gather(target, qw)
         k, n = target.shape_kn
-        bits, bk = qw.bits, self.block_k(k)
+        bits, bk = qw.bits, self.weight_block_k(k, qw)
         dtype = _float_dtype(target)
         key = target.chain.key + (target.transposed,)
         zp = None
