@@ -190,7 +190,7 @@ class ActivationConfig:
 
     dtype: ActivationType = ActivationType.UINT8
     symmetric: bool = False
-    observer: ObserverKind = ObserverKind.PERCENTILE
+    observer: ObserverKind = ObserverKind.MSE  # clipping BERT's outlier channels (percentile) hurts
     percentile: float = 99.99
     calibration: str = "random"
     num_samples: int = 128

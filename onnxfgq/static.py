@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxfgq.calibration.collect import Collector
-from onnxfgq.calibration.observers import MinMaxObserver, make_observer
+from onnxfgq.calibration.observers import PercentileObserver, make_observer, quantization_snr_db
 from onnxfgq.calibration.sources import CalibrationDataReader, iterate
 from onnxfgq.config import ActivationConfig, ActivationType, QuantizeConfig, Simplify
 from onnxfgq.errors import NothingToQuantizeError, OnnxfgqError
@@ -57,11 +57,13 @@ class Ranges:
     observer: str
     samples: int
     data: str = ""
+    snr_db: dict[str, float] = field(default_factory=dict)  # estimated 8-bit SNR of each tensor at its range
 
     def to_json(self) -> str:
         return json.dumps({"format": RANGES_FORMAT, "observer": self.observer, "samples": self.samples,
                            "data": self.data,
-                           "tensors": {k: {"range": list(v), "minmax": list(self.minmax.get(k, v))}
+                           "tensors": {k: {"range": list(v), "minmax": list(self.minmax.get(k, v)),
+                                           "snr_db": _finite_or_none(self.snr_db.get(k))}
                                        for k, v in self.ranges.items()}}, indent=1)
 
     @classmethod
@@ -70,8 +72,13 @@ class Ranges:
         if d.get("format") != RANGES_FORMAT:
             raise CalibrationError(f"not an onnxfgq ranges file (format {d.get('format')!r})")
         t = d["tensors"]
+        snr = {k: float(v["snr_db"]) if v.get("snr_db") is not None else float("inf") for k, v in t.items()}
         return cls({k: tuple(v["range"]) for k, v in t.items()}, {k: tuple(v["minmax"]) for k, v in t.items()},
-                   d.get("observer", ""), int(d.get("samples", 0)), d.get("data", ""))
+                   d.get("observer", ""), int(d.get("samples", 0)), d.get("data", ""), snr)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def save_ranges(ranges: Ranges, path: str | Path) -> None:
@@ -108,25 +115,34 @@ def calibrate(model: ir.Model, plan: Plan, reader: CalibrationDataReader, config
     names = plan.tensors()
     options = {"percentile": config.percentile} if config.observer.value == "percentile" else {}
     observers = {n: make_observer(config.observer.value, None, **options) for n in names}
-    extremes = {n: MinMaxObserver() for n in names}
-    counter = _SampleCounter()
+    extremes = {n: PercentileObserver(percentile=100.0) for n in names}  # exact extremes + a histogram
+    counter = _CountingReader(reader)
     sinks = {n: [observers[n], extremes[n]] for n in names}
-    if names:
-        sinks[names[0]] = [*sinks[names[0]], counter]
-    Collector(model, names).run(reader, sinks, progress=progress, total=total)
+    Collector(model, names).run(counter, sinks, progress=progress, total=total)
     if not counter.samples and names:
         raise CalibrationError("the calibration data source gave no samples")
     ranges = {n: tuple(float(v) for v in observers[n].range()) for n in names}
     minmax = {n: tuple(float(v) for v in extremes[n].range()) for n in names}
-    return Ranges(ranges, minmax, config.observer.value, counter.samples, data)
+    snr = {}
+    for n in names:
+        lo, hi = ranges[n]
+        h = extremes[n].hists[0]
+        snr[n] = quantization_snr_db(h, min(lo, 0.0), max(hi, 0.0), 8) if h.width > 0 else float("inf")
+    return Ranges(ranges, minmax, config.observer.value, counter.samples, data, snr)
 
 
-class _SampleCounter:
-    def __init__(self) -> None:
-        self.samples = 0
+class _CountingReader:
+    """Passes feeds through, counting samples (the first input's leading dimension)."""
 
-    def __call__(self, x: np.ndarray) -> None:
-        self.samples += int(x.shape[0]) if x.ndim else 1
+    def __init__(self, reader: CalibrationDataReader):
+        self.reader, self.samples = reader, 0
+
+    def get_next(self):
+        feed = self.reader.get_next()
+        if feed:
+            first = next(iter(feed.values()))
+            self.samples += int(first.shape[0]) if np.ndim(first) else 1
+        return feed
 
 
 def _weight_quant(unit: Unit, x_scale: float | None) -> tuple[WeightQuant, float]:
@@ -260,7 +276,7 @@ def quantize_static(model: ir.Model, config: QuantizeConfig, *, data: ReaderFact
     qmodel = build(prepared, chosen, ranges, act)
     if budget is not None and data is not None:
         guard = Guard(prepared, _take_samples(data(), act.guard_samples), *budget)
-        chosen, guard_reasons, metrics = _guard(prepared, chosen, ranges, act, guard, progress)
+        chosen, guard_reasons, metrics = _guard(prepared, plan, chosen, ranges, act, guard, progress)
         qmodel = build(prepared, chosen, ranges, act)
         report.notes.append(
             f"accuracy guard: {budget[0]} {guard.value(metrics):.4f} vs FP32 on {act.guard_samples} calibration "
@@ -298,39 +314,48 @@ def _range_problems(plan: Plan, ranges: Ranges) -> dict[str, str]:
     return problems
 
 
-def _guard(prepared: ir.Model, chosen: set[str], ranges: Ranges, act: ActivationConfig, guard: Guard,
-           progress: Progress) -> tuple[set[str], dict[str, str], dict[str, float]]:
+def _proxy_noise(plan: Plan, names: set[str], ranges: Ranges) -> dict[str, float] | None:
+    """Relative noise each unit adds, estimated from calibration statistics alone: the 8-bit noise of
+    its activations (from their histograms) plus that of its weight. None without the statistics."""
+    units = {u.name: u for u in plan.active if u.name in names}
+    noise = {}
+    for name, u in units.items():
+        snrs = [ranges.snr_db.get(t) for t in u.tensors]
+        if any(s is None for s in snrs):
+            return None
+        total = sum(10 ** (-s / 10) for s in snrs if np.isfinite(s))
+        if u.weight_index is not None:
+            total += 10 ** (-_weight_quant(u, None)[1] / 10)
+        noise[name] = total
+    return noise
+
+
+def _guard(prepared: ir.Model, plan: Plan, chosen: set[str], ranges: Ranges, act: ActivationConfig,
+           guard: Guard, progress: Progress) -> tuple[set[str], dict[str, str], dict[str, float]]:
     metrics = guard.measure(build(prepared, chosen, ranges, act))
     if guard.ok(metrics) or not chosen:
         return chosen, {}, metrics
-    # Sensitivity: the error each unit causes when it alone is quantized (errors add up roughly).
-    cost = {}
-    for name in progress(sorted(chosen), len(chosen), "sensitivity"):
-        cost[name] = guard.deficit(guard.measure(build(prepared, {name}, ranges, act)))
+    cost = _proxy_noise(plan, chosen, ranges)
+    what = "estimated 8-bit noise/signal"
+    if cost is None:  # measured sensitivity: the error each unit causes when it alone is quantized
+        what = "1 - cosine quantized alone" if guard.metric == "cosine" else "noise/signal quantized alone"
+        cost = {n: guard.deficit(guard.measure(build(prepared, {n}, ranges, act)))
+                for n in progress(sorted(chosen), len(chosen), "sensitivity")}
     order = sorted(chosen, key=lambda n: -cost[n])
-    kept = set(chosen)
-    reasons: dict[str, str] = {}
-
-    def drop(name: str) -> None:
-        kept.discard(name)
-        reasons[name] = (f"kept float by the accuracy guard: quantized alone it costs "
-                         f"{'1 - cosine' if guard.metric == 'cosine' else 'noise/signal'} {cost[name]:.2e}")
-
-    # First cut: drop the most sensitive units until the predicted total fits 80% of the budget.
-    total = sum(cost.values())
-    for name in order:
-        if total <= 0.8 * guard.budget():
-            break
-        drop(name)
-        total -= cost[name]
-    metrics = guard.measure(build(prepared, kept, ranges, act))
-    for name in order:  # then one at a time, measured, until it really fits
-        if guard.ok(metrics) or not kept:
-            break
-        if name in kept:
-            drop(name)
-            metrics = guard.measure(build(prepared, kept, ranges, act))
-    return kept, reasons, metrics
+    # Bisection on how many of the most sensitive units stay float (all float trivially meets the budget).
+    lo, hi, best = 0, len(order), None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        m = guard.measure(build(prepared, set(order[mid:]), ranges, act))
+        if guard.ok(m):
+            hi, best = mid, m
+        else:
+            lo = mid
+    if best is None:
+        best = guard.measure(build(prepared, set(order[hi:]), ranges, act))
+    reasons = {n: f"kept float by the accuracy guard: among the {hi} most sensitive ({what} {cost[n]:.2e})"
+               for n in order[:hi]}
+    return set(order[hi:]), reasons, best
 
 
 def _layers(plan: Plan, chosen: set[str], reasons: dict[str, str], ranges: Ranges,

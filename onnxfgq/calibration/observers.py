@@ -243,6 +243,15 @@ def expected_mse(h: Histogram, lo: float, hi: float, bits: int) -> float:
     return float(np.sum(h.counts * err))
 
 
+def quantization_snr_db(h: Histogram, lo: float, hi: float, bits: int = 8) -> float:
+    """Estimated signal-to-noise ratio (dB) of quantizing the histogram's mass on [lo, hi]."""
+    signal = float(np.sum(h.counts * h.centers() ** 2))
+    noise = expected_mse(h, lo, hi, bits) if hi > lo else signal
+    if noise <= 0:
+        return float("inf")
+    return 10.0 * np.log10(max(signal, 1e-300) / noise)
+
+
 class MSEObserver(HistogramObserver):
     """The range, shrunk from [min, max] towards 0 (or towards the mass's median on one side), that
     minimises :func:`expected_mse` for ``bits``-bit codes."""
