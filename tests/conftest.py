@@ -24,3 +24,23 @@ def minilm_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("minilm")
     export(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def opt_tiny_dir() -> Path:
+    """A tiny untrained OPT-architecture decoder (logits output), exported in seconds."""
+    from models.opt import export
+
+    out = ROOT / "build" / "test-models" / "opt-tiny"
+    export(out, trained=False, log=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cnn_dir() -> Path:
+    """The small BatchNorm CNN trained on sklearn's digits; weights cached under build/test-models."""
+    from models.cnn import export
+
+    out = ROOT / "build" / "test-models" / "cnn"
+    export(out)
+    return out

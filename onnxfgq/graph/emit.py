@@ -7,6 +7,7 @@ emitted per weight, so a weight shared by several nodes is stored once.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -40,6 +41,17 @@ def _float_dtype(target: Target) -> np.dtype:
     return np.dtype(np.float16) if dt == ir.DataType.FLOAT16 else np.dtype(np.float32)
 
 
+def _digest(*arrays: np.ndarray) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.digest()
+
+
+def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    return _initializer(graph, _unique(graph, base), ir.tensor(array))
+
+
 def _replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_output: ir.Value) -> None:
     ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, [old.outputs[0]], [new_output])
 
@@ -71,6 +83,7 @@ class Emitter:
         self.graph = model.graph
         self.config = config
         self._cache: dict[tuple, tuple[ir.Value | None, ...]] = {}
+        self._tables: dict[tuple, tuple[bytes, object]] = {}
 
     def can_emit(self, target: Target) -> str | None:
         """Why this emitter cannot handle ``target`` (None if it can)."""
@@ -83,6 +96,24 @@ class Emitter:
     def emit(self, target: Target, qw: QuantizedWeight) -> int:
         """Rewrite ``target``'s node; returns the bytes of new initializers (0 for a shared weight)."""
         raise NotImplementedError
+
+    # Tied weights: an embedding table and an output projection holding the same matrix (the
+    # exporter often stores lm_head as a transposed copy). Tables are emitted first and remembered
+    # by content; a MatMul whose quantized weight is identical reuses the table's storage.
+    def _remember_table(self, target: Target, qw: QuantizedWeight, payload) -> None:
+        shape_key = (qw.codes.shape, qw.bits, tuple(qw.qparams.block_shape))
+        self._tables[shape_key] = (_digest(qw.codes, qw.qparams.scale, qw.qparams.zero_point), payload)
+
+    def _tied_table(self, target: Target, qw: QuantizedWeight):
+        """The payload remembered for a table identical to this MatMul weight (seen as [N, K]), or None."""
+        if target.kind != "matmul" or not self._tables:
+            return None
+        shape_key = (qw.codes.shape[::-1], qw.bits, tuple(qw.qparams.block_shape[::-1]))
+        entry = self._tables.get(shape_key)
+        if entry is None:
+            return None
+        digest = _digest(qw.codes.T, qw.qparams.scale.T, qw.qparams.zero_point.T)
+        return entry[1] if digest == entry[0] else None
 
     def _register(self, key: tuple, base: str, tensors: list[ir.TensorProtocol | None]) -> tuple[tuple, int]:
         if key in self._cache:
@@ -147,9 +178,17 @@ class MatMulNBitsEmitter(Emitter):
             zp_nb = resample_blocks(qw.qparams.zero_point, qw.qparams, (k, n), 0, bk)
             zp = ir.tensor(pack_matmulnbits_zero_points(zp_nb, bits))
         scales = resample_blocks(qw.qparams.scale, qw.qparams, (k, n), 0, bk).astype(dtype)
-        blob = pack_matmulnbits(np.ascontiguousarray(qw.codes.T), bits, bk)
-        (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
-                                           [ir.tensor(blob), ir.tensor(scales), zp])
+        tied = self._tied_table(target, qw)
+        if tied is not None and tied[3] == bk and k % bk == 0:  # same bytes: view the table as B
+            data, s, z, _ = tied
+            shape = _const(self.graph, target.name + "_tied_shape", np.array([n, k // bk, bk * bits // 8], np.int64))
+            reshape = ir.node("Reshape", [data, shape], name=target.name + "_tied_B")
+            self.graph.insert_before(target.node, reshape)
+            b, nbytes = reshape.outputs[0], 0
+        else:
+            blob = pack_matmulnbits(np.ascontiguousarray(qw.codes.T), bits, bk)
+            (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
+                                               [ir.tensor(blob), ir.tensor(scales), zp])
         bias, _ = _gemm_bias(target)
         inputs = [target.node.inputs[0], b, s, z]
         if bias is not None:
@@ -180,6 +219,7 @@ class MatMulNBitsEmitter(Emitter):
             target.chain.key + ("gather",), target.chain.root.name or target.name,
             [ir.tensor(data), ir.tensor(scales.astype(_float_dtype(target))), zp],
         )
+        self._remember_table(target, qw, (d, s, z, bk))
         inputs = [d, target.node.inputs[1], s] + ([z] if z is not None else [])
         node = ir.node("GatherBlockQuantized", inputs,
                        {"bits": bits, "block_size": bk, "gather_axis": 0, "quantize_axis": 1},
@@ -198,6 +238,15 @@ class QDQEmitter(Emitter):
         return None
 
     def emit(self, target: Target, qw: QuantizedWeight) -> int:
+        tied = self._tied_table(target, qw)
+        if tied is not None:  # read the embedding table's dequantized copy (transposed unless transB)
+            weight = tied
+            if not target.transposed:
+                tr = ir.node("Transpose", [tied], {"perm": [1, 0]}, name=target.name + "_tied_T")
+                self.graph.insert_before(target.node, tr)
+                weight = tr.outputs[0]
+            target.node.replace_input_with(target.input_index, weight)
+            return 0
         bits = qw.bits
         sym = qw.symmetric
         codes = signed_codes(qw.codes, bits) if sym else qw.codes
@@ -223,6 +272,8 @@ class QDQEmitter(Emitter):
                      name=target.name + "_DequantizeLinear")
         self.graph.insert_before(target.node, dq)
         target.node.replace_input_with(target.input_index, dq.outputs[0])
+        if target.kind == "gather":
+            self._remember_table(target, qw, dq.outputs[0])
         return nbytes
 
     @staticmethod
