@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,10 +18,12 @@ from onnxfgq.config import (
     Simplify,
     WeightConfig,
 )
+from onnxfgq.config import ActivationConfig, ActivationType, ObserverKind
 from onnxfgq.errors import OnnxfgqError
 
 _W = WeightConfig()
 _S = Selection()
+_A = ActivationConfig()
 
 
 def _console():
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-eval", action="store_true", help="skip the accuracy comparison")
     _add_data_args(q, default_samples=8)
     q.set_defaults(func=cmd_quantize)
+    _add_static_args(q)
 
     i = sub.add_parser("inspect", help="list the weights a quantize run would touch")
     i.add_argument("model", type=Path)
@@ -111,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("candidate", type=Path)
     _add_data_args(e, default_samples=32)
     e.set_defaults(func=cmd_eval)
+    _add_calibrate_parser(sub)
     return ap
 
 
@@ -132,6 +137,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
                           min_elements=args.min_elements, quantize_embeddings=args.quantize_embeddings)
     _check_regexes(selection)
     config = QuantizeConfig(weights=weights, selection=selection, simplify=Simplify(args.simplify))
+    if getattr(args, "activations", None):
+        config = dataclasses.replace(config, activations=activation_config_from_args(args))
     config.validate()
     return config
 
@@ -168,6 +175,8 @@ def cmd_quantize(args) -> int:
     from onnxfgq.report import render
 
     config = config_from_args(args)
+    if config.activations is not None:
+        return _cmd_quantize_static(args, config)
     _dims(args.dim)  # validate before the long part
     out = args.output or _default_output(args.model, config)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
@@ -217,6 +226,104 @@ def _uses_custom_ops(path: Path) -> bool:
     from onnxfgq.graph import io
 
     return any(d == "com.onnxfgq" for d in io.load(path).opset_imports)
+
+
+def _add_static_args(q: argparse.ArgumentParser) -> None:
+    """Static int8 (weights + activations) options of ``quantize``. The calibration options are shared
+    with the calibrated weight-only algorithms: whichever adds them first defines them."""
+    g = q.add_argument_group("static int8: weights and activations (QDQ)")
+    g.add_argument("--activations", choices=[t.value for t in ActivationType], default=None,
+                   help="quantize activations too (static QDQ with per-channel int8 weights)")
+    _add_observer_args(g)
+    g.add_argument("--activation-symmetric", action="store_true", default=_A.symmetric,
+                   help="symmetric activation ranges (default: asymmetric)")
+    for flags, kw in (
+        (("--calibration",), dict(default=None, metavar="SRC|ranges.json",
+                                  help="calibration data source, or a ranges.json from 'onnxfgq calibrate'")),
+        (("--calib-samples",), dict(type=int, default=None, help="calibration samples")),
+        (("--calib-batch-size",), dict(type=int, default=None, help="calibration batch size")),
+        (("--max-error",), dict(default=None, metavar="BUDGET",
+                                help=f"static: output budget vs FP32 on calibration data, cosine:X, sqnr:DB or "
+                                     f"none (default {_A.max_error})")),
+    ):
+        try:
+            g.add_argument(*flags, **kw)
+        except argparse.ArgumentError:
+            pass  # already defined by the calibrated weight-only options; static mode reads the same value
+
+
+def _add_observer_args(p) -> None:
+    p.add_argument("--observer", choices=[o.value for o in ObserverKind], default=_A.observer.value,
+                   help=f"activation range observer (default {_A.observer.value})")
+    p.add_argument("--percentile", type=float, default=_A.percentile, help="percentile observer's percentile")
+
+
+def activation_config_from_args(args: argparse.Namespace) -> ActivationConfig:
+    """ActivationConfig from ``quantize --activations`` or ``calibrate`` flags (unset ones: defaults)."""
+    def given(name, default):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    max_error = getattr(args, "max_error", None)
+    act = ActivationConfig(
+        dtype=ActivationType(given("activations", _A.dtype.value)),
+        symmetric=given("activation_symmetric", _A.symmetric),
+        observer=ObserverKind(given("observer", _A.observer.value)),
+        percentile=given("percentile", _A.percentile),
+        calibration=given("calibration", None) or given("data", None) or _A.calibration,
+        num_samples=given("calib_samples", _A.num_samples),
+        batch_size=given("calib_batch_size", _A.batch_size),
+        max_error=str(max_error) if max_error is not None else _A.max_error,
+    )
+    act.validate()
+    return act
+
+
+def _cmd_quantize_static(args, config: QuantizeConfig) -> int:
+    from onnxfgq.report import render
+    from onnxfgq.static import quantize_static_file
+
+    _dims(args.dim)
+    out = args.output or args.model.with_name(f"{args.model.stem}.{config.activations.dtype.value}.onnx")
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    report = quantize_static_file(args.model, out, config, progress=rich_progress, external=external,
+                                  tokenizer=args.tokenizer, dims=_dims(args.dim))
+    if not args.no_eval:
+        report.accuracy = _evaluate(args.model, out, args, False)
+    console = _console()
+    render(report, console)
+    console.print(f"wrote {out}")
+    if args.report:
+        args.report.write_text(report.to_json())
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from onnxfgq.config import Simplify
+    from onnxfgq.static import calibrate_file
+
+    act = activation_config_from_args(args)
+    ranges = calibrate_file(args.model, args.output, act, progress=rich_progress, tokenizer=args.tokenizer,
+                            dims=_dims(args.dim), simplify=Simplify.NEVER if args.no_simplify else Simplify.AUTO)
+    _console().print(f"wrote {args.output}: ranges of {len(ranges.ranges)} tensors from {ranges.samples} samples "
+                     f"of {args.data} ({ranges.observer} observer)")
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    c = sub.add_parser("calibrate", help="collect activation ranges for static quantization (ranges.json)")
+    c.add_argument("model", type=Path)
+    c.add_argument("--data", required=True, metavar="SRC",
+                   help="'random', 'text:FILE', 'images:DIR' or a folder of .npy/.npz files")
+    c.add_argument("-o", "--output", type=Path, default=Path("ranges.json"), help="ranges file to write")
+    c.add_argument("--calib-samples", type=int, default=_A.num_samples, help="calibration samples")
+    c.add_argument("--calib-batch-size", type=int, default=_A.batch_size, help="calibration batch size")
+    _add_observer_args(c)
+    c.add_argument("--tokenizer", type=Path, help="tokenizer folder for text:FILE (default: FILE's folder)")
+    c.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
+                   help="value of a symbolic input dimension for random inputs (repeatable)")
+    c.add_argument("--no-simplify", action="store_true", help="skip onnxsim (must match the quantize run)")
+    c.set_defaults(func=cmd_calibrate)
 
 
 def main(argv: list[str] | None = None) -> int:

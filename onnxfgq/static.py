@@ -375,3 +375,85 @@ def _layers(plan: Plan, chosen: set[str], reasons: dict[str, str], ranges: Range
                                 reason=u.skip_reason or reasons.get(u.name, "not selected"))
         layers.append(layer)
     return layers
+
+
+class LimitedReader:
+    """At most ``samples`` samples of ``reader`` (the last batch cut short); sources count files or lines."""
+
+    def __init__(self, reader: CalibrationDataReader, samples: int):
+        self.reader, self.left = reader, samples
+
+    def get_next(self):
+        if self.left <= 0:
+            return None
+        feed = self.reader.get_next()
+        if not feed:
+            return feed
+        n = next(iter(feed.values())).shape[0]
+        if n > self.left:
+            feed = {k: v[:self.left] for k, v in feed.items()}
+            n = self.left
+        self.left -= n
+        return feed
+
+
+def open_calibration(spec: str, model: ir.Model, act: ActivationConfig, *, tokenizer: Path | None = None,
+                     dims: dict[str, int] | None = None) -> tuple[ReaderFactory | None, Ranges | None, str]:
+    """(reader factory, ranges, data label) for ``spec``: a data source, or a ranges.json (whose
+    recorded data source, if still readable, feeds the accuracy guard)."""
+    from onnxfgq.calibration.sources import DataSourceError, open_source
+
+    ranges = None
+    if spec.endswith(".json"):
+        ranges = load_ranges(spec)
+        spec = ranges.data
+        if not spec:
+            return None, ranges, ""
+
+    def factory() -> CalibrationDataReader:
+        return LimitedReader(open_source(spec, model, num_samples=act.num_samples, batch_size=act.batch_size,
+                                         dims=dims, tokenizer=tokenizer), act.num_samples)
+
+    try:
+        factory()  # fail early on a bad source
+    except DataSourceError:
+        if ranges is None:
+            raise
+        return None, ranges, spec
+    return factory, ranges, spec
+
+
+def quantize_static_file(input_path: str | Path, output_path: str | Path, config: QuantizeConfig, *,
+                         progress: Progress = _no_progress, external: bool | None = None,
+                         tokenizer: Path | None = None, dims: dict[str, int] | None = None) -> Report:
+    """Static int8 from file to file: written atomically, checked with onnx.checker and onnxruntime."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    source = io.load(input_path)
+    input_files = [input_path, *io.external_inputs(source)]
+    io.check_output_path(output_path, input_files)
+    act = config.activations or ActivationConfig()
+    factory, ranges, label = open_calibration(act.calibration, source, act, tokenizer=tokenizer, dims=dims)
+    model, report = quantize_static(source, config, data=factory, ranges=ranges, progress=progress,
+                                    data_label=label)
+    if external is None and len(input_files) > 1:
+        external = True
+    written = io.save(model, output_path, external=external, validate=io.check)
+    report.input_path, report.output_path = str(input_path), str(output_path)
+    report.size_before = sum(p.stat().st_size for p in input_files)
+    report.size_after = sum(Path(p).stat().st_size for p in written)
+    return report
+
+
+def calibrate_file(model_path: str | Path, out_path: str | Path, act: ActivationConfig, *,
+                   progress: Progress = _no_progress, tokenizer: Path | None = None,
+                   dims: dict[str, int] | None = None, simplify: Simplify = Simplify.AUTO) -> Ranges:
+    """``onnxfgq calibrate``: ranges of every tensor static quantization would touch, as JSON."""
+    source = io.load(model_path)
+    factory, _, label = open_calibration(act.calibration, source, act, tokenizer=tokenizer, dims=dims)
+    if factory is None:
+        raise CalibrationError(f"--data {act.calibration!r}: not a data source")
+    prepared, _ = prepare(source, simplify)
+    plan = plan_static(prepared.graph, act.op_types, _neighbour_ops(act))
+    ranges = calibrate(prepared, plan, factory(), act, progress=progress, total=_batches(act), data=label)
+    save_ranges(ranges, out_path)
+    return ranges

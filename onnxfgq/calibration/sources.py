@@ -8,6 +8,8 @@ unchanged wherever a reader is accepted. A source spec on the command line is on
 - a folder of ``.npy`` / ``.npz`` files (keys or file stems are input names);
 - ``text:FILE``: one sentence per line, tokenised with a Hugging Face tokenizer (``tokenizer``
   folder, by default the folder holding FILE).
+- ``images:DIR[?size=H,W&mean=..&std=..&layout=nchw|nhwc]``: image files, resized and normalised
+  (see ``onnxfgq.calibration.images``; needs Pillow).
 """
 
 from __future__ import annotations
@@ -187,10 +189,15 @@ def open_source(spec: str, model, *, num_samples: int | None = None, batch_size:
     if spec.startswith("text:"):
         return TextReader(Path(spec[5:]), specs, tokenizer=tokenizer, num_samples=num_samples,
                           batch_size=batch_size)
+    if spec.startswith("images:"):
+        from onnxfgq.calibration.images import open_images
+
+        return open_images(spec, specs, num_samples=num_samples, batch_size=batch_size)
     path = Path(spec)
     if path.is_dir():
         return NpyFolderReader(path, specs, num_samples=num_samples)
-    raise DataSourceError(f"--data {spec!r}: expected 'random', 'text:FILE' or a folder of .npy/.npz files")
+    raise DataSourceError(f"--data {spec!r}: expected 'random', 'text:FILE', 'images:DIR' or a folder of "
+                          ".npy/.npz files")
 
 
 def iterate(reader: CalibrationDataReader) -> Iterator[dict[str, np.ndarray]]:
