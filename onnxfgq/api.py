@@ -22,6 +22,7 @@ from onnxfgq.errors import NothingToQuantizeError
 from onnxfgq.graph import io, passes
 from onnxfgq.graph.emit import make_emitter
 from onnxfgq.graph.targets import Target, find_targets, has_foldable_weights
+from onnxfgq.calibrated import needs_plan, plan_weights, storage_bits_of
 from onnxfgq.quant import sqnr_db
 from onnxfgq.report import LayerReport, Report
 
@@ -109,6 +110,11 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
             f"weight matches the selection{detail}"
         )
 
+    plan = None
+    if needs_plan(wc):  # calibration, AWQ graph edits, per-weight layouts and solvers
+        plan = plan_weights(ir_model, todo, wc, fmt, progress)
+        report.notes.extend(plan.notes)
+
     solved: dict[tuple, QuantizedWeight] = {}
     for t in targets:
         if t.skip_reason is not None:
@@ -117,7 +123,10 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         key = t.chain.key + (t.transposed,)
         shared = key in solved
         w = t.weight()
-        if not shared:
+        planned = plan is not None and plan.covers(t)
+        if not shared and planned:
+            solved[key] = plan.solve(t, w)
+        elif not shared:
             red, chan = t.quant_axes
             spec = QuantSpec(wc.bits, wc.block_shape(w.shape, red, chan), wc.symmetric)
             solved[key] = make_quantizer(wc.algorithm).solve(w, spec)
@@ -125,7 +134,13 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         nbytes = emitter.emit(t, qw)
         layer = _layer(t, "shared" if shared else "quantized", bits=qw.bits,
                        block=_describe_block(t, qw), fmt=fmt.value, algorithm=wc.algorithm.value)
-        layer.sqnr_db = sqnr_db(w, qw.dequantize())
+        layer.sqnr_db = sqnr_db(w, plan.effective(t, qw) if planned else qw.dequantize())
+        if planned:
+            err = plan.output_error(t, w, qw)
+            layer.output_sqnr_db = None if err is None else float(-10 * np.log10(max(err, 1e-30)))
+            layer.detail = plan.weights[key].awq_note
+        if not shared and t.kind == "matmul":
+            layer.weight_bits = storage_bits_of(t, qw, fmt)
         layer.bytes_before = 0 if shared else int(t.chain.tensor.nbytes)
         layer.bytes_after = nbytes
         report.layers.append(layer)

@@ -100,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--external-data", choices=["auto", "always", "never"], default="auto")
     q.add_argument("--report", type=Path, metavar="OUT.json", help="write the report as JSON")
     q.add_argument("--no-eval", action="store_true", help="skip the accuracy comparison")
+    c = q.add_argument_group("calibrated weight algorithms (GPTQ, AWQ, clipping, adaptive, mixed precision)")
+    c.add_argument("--calibration", default=_W.calibration or None, metavar="SRC",
+                   help="calibration data: 'text:FILE', a folder of .npy/.npz, or 'random' (needed by gptq/awq)")
+    c.add_argument("--calib-samples", type=int, default=_W.calibration_samples, help="calibration samples")
+    c.add_argument("--calib-batch-size", type=int, default=_W.calibration_batch_size,
+                   help="batch size of calibration inputs")
+    c.add_argument("--max-error", default=None, metavar="BUDGET",
+                   help="--granularity adaptive: per-layer error budget, a relative error (e.g. 0.01) or "
+                        f"sqnr:DB (default {_W.max_error}); output error with --calibration, else weight error")
+    c.add_argument("--target-bits", type=float, default=_W.target_bits or None, metavar="BITS",
+                   help="mixed precision: choose 4 or 8 bits per layer (and the block, if adaptive) for at "
+                        "most this average of stored bits per weight, scales and zero points included")
+    c.add_argument("--gptq-damp", type=float, default=_W.gptq_damp, help="GPTQ dampening (fraction of mean diag H)")
+    c.add_argument("--no-act-order", dest="act_order", action="store_false", default=_W.gptq_act_order,
+                   help="GPTQ: process rows in their order instead of by decreasing salience")
     _add_data_args(q, default_samples=8)
     q.set_defaults(func=cmd_quantize)
     _add_static_args(q)
@@ -128,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
     weights = WeightConfig(
         bits=args.bits, granularity=Granularity(granularity), block_size=args.block_size or _W.block_size,
         symmetric=args.symmetric, algorithm=Algorithm(args.algo), format=OutputFormat(args.format),
-        accuracy_level=args.accuracy_level,
+        accuracy_level=args.accuracy_level, **_calibrated_args(args),
     )
     op_types = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
     if not op_types:
@@ -141,6 +156,32 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         config = dataclasses.replace(config, activations=activation_config_from_args(args))
     config.validate()
     return config
+
+
+def _weight_error_budget(text: str) -> float:
+    """'0.01' (relative error) or 'sqnr:20' (dB; 20 dB is 0.01)."""
+    metric, sep, value = text.strip().lower().rpartition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if number < 0 or (sep and metric != "sqnr"):
+        raise ConfigError("--max-error", f"expected a relative error like 0.01 or sqnr:DB, got {text!r}")
+    return 10 ** (-number / 10) if sep else number
+
+
+def _calibrated_args(args: argparse.Namespace) -> dict:
+    """WeightConfig fields of the calibrated algorithms (absent attributes keep the defaults)."""
+    out: dict = {}
+    if getattr(args, "calibration", None):
+        out["calibration"] = args.calibration
+    for name, field_ in (("calib_samples", "calibration_samples"), ("calib_batch_size", "calibration_batch_size"),
+                         ("gptq_damp", "gptq_damp"), ("act_order", "gptq_act_order"), ("target_bits", "target_bits")):
+        if getattr(args, name, None) is not None:
+            out[field_] = getattr(args, name)
+    if getattr(args, "max_error", None) is not None and args.granularity == Granularity.ADAPTIVE.value:
+        out["max_error"] = _weight_error_budget(args.max_error)
+    return out
 
 
 def _check_regexes(selection: Selection) -> None:

@@ -21,6 +21,9 @@ class LayerReport:
     sqnr_db: float | None = None
     bytes_before: int = 0
     bytes_after: int = 0
+    output_sqnr_db: float | None = None  # the layer's output vs float on the calibration data
+    weight_bits: int = 0  # stored bits of codes + scales + zero points (0: not counted)
+    detail: str = ""  # what the algorithm did (e.g. the AWQ scale and where it went)
 
 
 @dataclass
@@ -42,6 +45,12 @@ class Report:
     seconds: float = 0.0
     accuracy: Accuracy | None = None
 
+    def bits_per_weight(self) -> float | None:
+        """Average stored bits per quantized MatMul weight, scales and zero points included."""
+        counted = [layer for layer in self.layers if layer.weight_bits]
+        n = sum(math.prod(layer.shape) for layer in counted)
+        return sum(layer.weight_bits for layer in counted) / n if n else None
+
     @property
     def quantized(self) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.status != "skipped"]
@@ -58,6 +67,7 @@ class Report:
 
         data = asdict(self)
         data["layers_quantized"] = len(self.quantized)
+        data["bits_per_weight"] = self.bits_per_weight()
         return json.dumps(clean(data), indent=2)
 
 
@@ -70,12 +80,16 @@ def render(report: Report, console) -> None:
     from rich.table import Table
 
     table = Table(title="layers", show_lines=False)
-    for col in ("layer", "op", "shape", "status", "bits", "block", "SQNR dB", "note"):
+    calibrated = any(layer.output_sqnr_db is not None for layer in report.layers)
+    cols = ("layer", "op", "shape", "status", "algo", "bits", "block", "SQNR dB")
+    for col in cols + (("out SQNR dB",) if calibrated else ()) + ("note",):
         table.add_column(col, overflow="fold")
     for layer in report.layers:
         sq = "" if layer.sqnr_db is None else f"{layer.sqnr_db:.1f}"
+        out = () if not calibrated else ("" if layer.output_sqnr_db is None else f"{layer.output_sqnr_db:.1f}",)
         table.add_row(layer.name, layer.op_type, "x".join(map(str, layer.shape)), layer.status,
-                      str(layer.bits or ""), layer.block, sq, layer.reason)
+                      layer.algorithm, str(layer.bits or ""), layer.block, sq, *out,
+                      "; ".join(x for x in (layer.reason, layer.detail) if x))
     console.print(table)
     for note in report.notes:
         console.print(f"note: {note}")
@@ -88,6 +102,9 @@ def render(report: Report, console) -> None:
         f"mean weight SQNR {sum(sq) / len(sq):.1f} dB; {report.seconds:.2f} s"
         if sq else f"{len(q)} weight nodes quantized; {report.seconds:.2f} s"
     )
+    bpw = report.bits_per_weight()
+    if bpw is not None:
+        console.print(f"average {bpw:.3f} bits per quantized weight (scales and zero points included)")
     if report.accuracy:
         acc = report.accuracy
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in acc.metrics.items())

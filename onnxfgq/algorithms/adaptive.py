@@ -38,7 +38,7 @@ def storage_bits(k: int, n: int, spec: QuantSpec, *, scale_bits: int = 32, pad_t
     padded to whole blocks and a per-channel block is the next power of two >= K."""
     bk = spec.block_shape[0]
     if bk >= k and pad_to_power_of_two:
-        bk = max(16, 1 << math.ceil(math.log2(k)))
+        bk = matmulnbits_channel_block(k, spec.bits)
     blocks_k = math.ceil(k / bk)
     blocks_n = math.ceil(n / spec.block_shape[1])
     codes_k = blocks_k * bk if pad_to_power_of_two else k
@@ -49,6 +49,16 @@ def storage_bits(k: int, n: int, spec: QuantSpec, *, scale_bits: int = 32, pad_t
         else:
             bits += blocks_k * blocks_n * spec.bits
     return bits
+
+
+def matmulnbits_channel_block(k: int, bits: int) -> int:
+    """The block the MatMulNBits emitter uses for a per-channel weight: the power of two >= 16 that
+    stores codes and (repeated) scales in the fewest bytes."""
+    top = max(16, 1 << math.ceil(math.log2(k)))
+
+    def nbytes(b: int) -> float:
+        return math.ceil(k / b) * (b * bits / 8 + 4)
+    return min((1 << i for i in range(4, top.bit_length())), key=lambda b: (nbytes(b), -b))
 
 
 def candidate_specs(k: int, bits: int, symmetric: bool, *, power_of_two: bool,

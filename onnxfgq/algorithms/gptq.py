@@ -43,7 +43,9 @@ def _inverse_hessian_chol(h: np.ndarray, damp: float) -> np.ndarray:
         lower, info = torch.linalg.cholesky_ex(hd)
         if int(info) != 0:
             continue
-        hinv = torch.cholesky_inverse(lower)
+        # (torch.cholesky_inverse is an order of magnitude slower than one triangular solve here)
+        lower_inv = torch.linalg.solve_triangular(lower, torch.eye(k, dtype=torch.float64), upper=False)
+        hinv = lower_inv.T @ lower_inv
         upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
         if int(info) == 0:
             return upper.numpy()

@@ -1,0 +1,251 @@
+"""Calibrated weight-only quantization: statistics of every MatMul input, then per-weight decisions.
+
+1. One pass of onnxruntime over the calibration data streams each MatMul input (a tensor read by
+   q, k and v is observed once) into an ``ActivationStats``: ``X^T X`` and ``mean |x|``. Only those
+   accumulators stay in memory, never the activations; padding positions (attention mask 0) are
+   left out when the model has a mask input.
+2. AWQ (if asked): one scale per input tensor, searched for all the weights that read it; the graph
+   pass divides the activations by it (folded into a LayerNorm, else a Mul).
+3. Per weight: the layout (fixed, adaptive under ``max_error``, or allocated under ``target_bits``)
+   and the solver (RTN, clipping search, GPTQ) bound to its input's statistics.
+
+``api._quantize_model`` calls ``plan_weights`` and then ``Plan.solve`` per weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxfgq.algorithms.adaptive import BLOCK_CANDIDATES, Choice, candidate_specs, choose_under_budget, storage_bits
+from onnxfgq.algorithms.awq import search_scale
+from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
+from onnxfgq.algorithms.clip import ClipSearch
+from onnxfgq.algorithms.gptq import GPTQ
+from onnxfgq.algorithms.mixed import allocate
+from onnxfgq.algorithms.rtn import RTN
+from onnxfgq.algorithms.stats import ActivationStats, output_error, weight_error
+from onnxfgq.config import Granularity, OutputFormat, WeightConfig
+from onnxfgq.graph.targets import Target
+from onnxfgq.quant import compute_qparams, dequantize, quantize
+
+Progress = Callable[[Iterable, int, str], Iterable]
+MIXED_BITS = (4, 8)  # bit widths mixed precision chooses between (with the configured one)
+
+
+def needs_plan(wc: WeightConfig) -> bool:
+    return (wc.algorithm.value != "rtn" or wc.granularity is Granularity.ADAPTIVE or wc.target_bits > 0
+            or bool(wc.calibration))
+
+
+def weight_key(t: Target) -> tuple:
+    return t.chain.key + (t.transposed,)
+
+
+@dataclass
+class WeightPlan:
+    spec: QuantSpec
+    solver: object  # a WeightQuantizer
+    algorithm: str
+    stats: ActivationStats | None = None  # of the (scaled) input
+    awq_scale: np.ndarray | None = None
+    awq_note: str = ""
+    estimated_error: float | None = None
+
+
+@dataclass
+class Plan:
+    weights: dict[tuple, WeightPlan] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    calibration_rows: int = 0
+
+    def covers(self, t: Target) -> bool:
+        return weight_key(t) in self.weights
+
+    def solve(self, t: Target, w: np.ndarray) -> QuantizedWeight:
+        p = self.weights[weight_key(t)]
+        if p.awq_scale is not None:
+            w = w * p.awq_scale[:, None]
+        return p.solver.solve(w, p.spec)
+
+    def effective(self, t: Target, qw: QuantizedWeight) -> np.ndarray:
+        """The float weight the quantized graph computes with, in the original (unscaled) input basis."""
+        p = self.weights[weight_key(t)]
+        wq = qw.dequantize()
+        return wq / p.awq_scale[:, None] if p.awq_scale is not None else wq
+
+    def output_error(self, t: Target, w: np.ndarray, qw: QuantizedWeight) -> float | None:
+        """Relative output error of this weight on the calibration data (None without calibration)."""
+        p = self.weights[weight_key(t)]
+        if p.stats is None or not p.stats.rows:
+            return None
+        wq = qw.dequantize()
+        if p.awq_scale is not None:  # p.stats is of x / s: compare (x / s) (s W) with (x / s) Q(s W)
+            w = w * p.awq_scale[:, None]
+        return output_error(w, wq, p.stats.hessian())
+
+
+# ---------------------------------------------------------------------------------------- statistics
+def _mask_input(model: ir.Model) -> str | None:
+    for v in model.graph.inputs:
+        if "mask" in (v.name or "").lower():
+            return v.name
+    return None
+
+
+def collect_stats(model: ir.Model, values: Sequence[str], wc: WeightConfig,
+                  progress: Progress) -> tuple[dict[str, ActivationStats], int]:
+    """``{tensor name: ActivationStats}`` over the calibration data, and the number of samples."""
+    from onnxfgq.calibration.collect import Collector
+    from onnxfgq.calibration.sources import open_source
+
+    reader = open_source(wc.calibration, model, num_samples=wc.calibration_samples,
+                         batch_size=wc.calibration_batch_size)
+    stats = {name: ActivationStats() for name in values}
+    mask_name = _mask_input(model)
+    current: dict[str, np.ndarray | None] = {"mask": None}
+
+    def keep_mask(m: np.ndarray) -> None:
+        current["mask"] = np.asarray(m) != 0
+
+    def sink_for(st: ActivationStats):
+        def sink(x: np.ndarray) -> None:
+            m = current["mask"]
+            if m is not None and x.ndim == 3 and x.shape[:2] == m.shape:
+                x = x[m]  # [tokens, K]: real tokens only
+            st.update(x)
+        return sink
+
+    names = ([mask_name] if mask_name else []) + list(values)
+    sinks = {name: [sink_for(stats[name])] for name in values}
+    if mask_name:
+        sinks[mask_name] = [keep_mask] + sinks.get(mask_name, [])
+    collector = Collector(model, names)  # the mask comes first in every batch, then the tensors
+    batches = collector.run(reader, sinks, progress=progress,
+                            total=-(-wc.calibration_samples // wc.calibration_batch_size))
+    return stats, batches
+
+
+# ---------------------------------------------------------------------------------------- planning
+def _fake_quant(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    qp = compute_qparams(w, spec.block_shape, spec.bits, symmetric=spec.symmetric, signed=False)
+    return dequantize(quantize(w, qp), qp)
+
+
+def _candidate_bits(wc: WeightConfig, fmt: OutputFormat) -> tuple[int, ...]:
+    if wc.target_bits <= 0:
+        return (wc.bits,)
+    return tuple(sorted({wc.bits, *MIXED_BITS}))
+
+
+def _choices(w: np.ndarray, wc: WeightConfig, fmt: OutputFormat, stats: ActivationStats | None,
+             scale_bits: int) -> list[Choice]:
+    k, n = w.shape
+    pow2 = fmt is OutputFormat.MATMULNBITS
+    h = stats.hessian() if stats is not None and stats.rows else None
+    blocks = BLOCK_CANDIDATES if wc.granularity is Granularity.ADAPTIVE else None
+    out = []
+    for bits in _candidate_bits(wc, fmt):
+        if blocks is None:
+            specs = [QuantSpec(bits, wc.block_shape((k, n), 0, 1), wc.symmetric)]
+        else:
+            specs = candidate_specs(k, bits, wc.symmetric, power_of_two=pow2, blocks=blocks)
+        for s in specs:
+            wq = _fake_quant(w, s)
+            err = output_error(w, wq, h) if h is not None else weight_error(w, wq)
+            out.append(Choice(s, err, storage_bits(k, n, s, scale_bits=scale_bits, pad_to_power_of_two=pow2)))
+    return out
+
+
+def _solver(wc: WeightConfig, stats: ActivationStats | None):
+    parts = wc.algorithm.parts
+    if "gptq" in parts:
+        return GPTQ(stats, damp=wc.gptq_damp, act_order=wc.gptq_act_order, clip="clip" in parts)
+    if "clip" in parts:
+        return ClipSearch(stats)
+    return RTN()
+
+
+def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, fmt: OutputFormat,
+                 progress: Progress) -> Plan:
+    """Statistics, AWQ graph edits and per-weight decisions for the MatMul/Gemm ``targets``."""
+    from onnxfgq.graph.awq_fold import apply_input_scale
+
+    plan = Plan()
+    mm = [t for t in targets if t.kind == "matmul"]
+    inputs = {weight_key(t): t.node.inputs[0] for t in mm}
+    stats: dict[str, ActivationStats] = {}
+    if wc.calibration:
+        names = list(dict.fromkeys(v.name for v in inputs.values()))
+        stats, batches = collect_stats(model, names, wc, progress)
+        rows = max((s.rows for s in stats.values()), default=0)
+        plan.calibration_rows = rows
+        plan.notes.append(f"calibrated on {wc.calibration} ({batches} batches, {rows} token rows per input)")
+
+    # Distinct weights, each with the one input tensor it reads (a weight read by two different
+    # tensors gets no AWQ scale: one scale cannot suit both).
+    by_key: dict[tuple, Target] = {}
+    readers: dict[tuple, set[str]] = {}
+    for t in mm:
+        by_key.setdefault(weight_key(t), t)
+        readers.setdefault(weight_key(t), set()).add(t.node.inputs[0].name)
+
+    awq_scale: dict[tuple, np.ndarray] = {}
+    awq_note: dict[tuple, str] = {}
+    input_stats = {key: stats.get(t.node.inputs[0].name) for key, t in by_key.items()}
+    if "awq" in wc.algorithm.parts:
+        groups: dict[str, list[tuple]] = {}
+        for key, t in by_key.items():
+            if len(readers[key]) == 1:
+                groups.setdefault(t.node.inputs[0].name, []).append(key)
+        for name, keys in progress(list(groups.items()), len(groups), "awq"):
+            st = stats[name]
+            ws = [by_key[k].weight() for k in keys]
+            specs = [QuantSpec(wc.bits, wc.block_shape(w.shape, 0, 1), wc.symmetric) for w in ws]
+            found = search_scale(ws, specs, st)
+            if found.alpha == 0.0:
+                continue
+            value = by_key[keys[0]].node.inputs[0]
+            consumers = [t.node for t in mm if t.node.inputs[0] is value]
+            note = apply_input_scale(model.graph, value, consumers, found.scale)
+            scaled = st.scaled(found.scale)
+            for k in keys:
+                awq_scale[k] = found.scale
+                awq_note[k] = f"awq alpha {found.alpha:.2f} ({note})"
+                input_stats[k] = scaled
+            plan.notes.append(f"awq {name}: alpha {found.alpha:.2f}, calibration output error "
+                              f"{found.rtn_error:.2e} -> {found.error:.2e}; {note}")
+
+    scale_bits = 16 if any(t.chain.tensor.dtype == ir.DataType.FLOAT16 for t in mm) else 32
+    keys = list(by_key)
+    options = []
+    for key in keys:
+        w = by_key[key].weight()
+        if key in awq_scale:
+            w = w * awq_scale[key][:, None]
+        options.append(_choices(w, wc, fmt, input_stats[key], scale_bits))
+    if wc.target_bits > 0:
+        sizes = [by_key[k].shape_kn[0] * by_key[k].shape_kn[1] for k in keys]
+        picks = allocate(options, sizes, wc.target_bits)
+        avg = sum(c.storage_bits for c in picks) / sum(sizes)
+        plan.notes.append(f"mixed precision under --target-bits {wc.target_bits}: {avg:.3f} bits per weight planned")
+    elif wc.granularity is Granularity.ADAPTIVE:
+        picks = [choose_under_budget(o, wc.max_error) for o in options]
+    else:
+        picks = [o[0] for o in options]
+    for key, pick in zip(keys, picks):
+        st = input_stats[key]
+        plan.weights[key] = WeightPlan(pick.spec, _solver(wc, st), wc.algorithm.value, st,
+                                       awq_scale.get(key), awq_note.get(key, ""), pick.error)
+    return plan
+
+
+def storage_bits_of(t: Target, qw: QuantizedWeight, fmt: OutputFormat) -> int:
+    """Stored bits of one quantized MatMul weight (codes, scales, zero points) in format ``fmt``."""
+    k, n = t.shape_kn
+    spec = QuantSpec(qw.bits, tuple(qw.qparams.block_shape), qw.symmetric)
+    scale_bits = 16 if t.chain.tensor.dtype == ir.DataType.FLOAT16 else 32
+    return storage_bits(k, n, spec, scale_bits=scale_bits, pad_to_power_of_two=fmt is OutputFormat.MATMULNBITS)
