@@ -1,0 +1,51 @@
+"""Mixed precision: the allocation respects the bit budget and spends it on the sensitive layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxfgq.algorithms.adaptive import Choice
+from onnxfgq.algorithms.base import QuantSpec
+from onnxfgq.algorithms.mixed import BudgetError, allocate, average_bits
+
+
+def layer(n: int, err4: float, err8: float, block: int = 128) -> list[Choice]:
+    per = 32 / block
+    return [Choice(QuantSpec(4, (block, 1), True), err4, int(n * (4 + per))),
+            Choice(QuantSpec(8, (block, 1), True), err8, int(n * (8 + per)))]
+
+
+def test_budget_respected_and_sensitive_layer_upgraded():
+    sizes = [4096] * 4
+    options = [layer(4096, 0.01, 1e-4), layer(4096, 0.2, 1e-3), layer(4096, 0.012, 1e-4), layer(4096, 0.011, 1e-4)]
+    picks = allocate(options, sizes, target_bits=5.5)
+    assert average_bits(picks, sizes) <= 5.5
+    assert [p.spec.bits for p in picks] == [4, 8, 4, 4]
+    everything = allocate(options, sizes, target_bits=9.0)
+    assert all(p.spec.bits == 8 for p in everything)
+
+
+def test_budget_too_small_is_an_error():
+    with pytest.raises(BudgetError):
+        allocate([layer(1000, 0.1, 0.01)], [1000], target_bits=3.0)
+
+
+@pytest.mark.parametrize("target", [4.5, 6.0])
+def test_mixed_end_to_end_report(target):
+    from onnxfgq.api import quantize
+    from onnxfgq.config import OutputFormat, QuantizeConfig, WeightConfig
+    from tests.helpers import mlp, run
+
+    proto = mlp(k=256, hidden=128, n=64)
+    cfg = QuantizeConfig(weights=WeightConfig(target_bits=target, block_size=128, format=OutputFormat.QDQ,
+                                              calibration="random", calibration_samples=32))
+    res = quantize(proto, cfg)
+    assert res.report.bits_per_weight() <= target + 1e-9
+    bits = {layer.name: layer.bits for layer in res.report.quantized}
+    assert set(bits.values()) <= {4, 8}
+    if target == 6.0:
+        assert 8 in bits.values()
+    x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    assert np.all(np.isfinite(run(ir.to_proto(res.model), {"x": x})[0]))
