@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +102,8 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     for t in targets:
         if t.skip_reason is None:
             t.skip_reason = emitter.can_emit(t)
-    todo = [t for t in targets if t.skip_reason is None]
+    # Tables first, so that a tied output projection can reuse the table's storage (see emit.py).
+    todo = sorted((t for t in targets if t.skip_reason is None), key=lambda t: t.kind != "gather")
     if not todo:
         reasons = sorted({t.skip_reason for t in targets if t.skip_reason})
         detail = f" ({'; '.join(reasons)})" if reasons else ""
@@ -115,7 +117,9 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         plan = plan_weights(ir_model, todo, wc, fmt, progress)
         report.notes.extend(plan.notes)
 
-    solved: dict[tuple, QuantizedWeight] = {}
+    # A shared weight is solved once; its codes are dropped after its last user (bounded memory).
+    solved: dict[tuple, QuantizedWeight | None] = {}
+    uses = Counter(t.chain.key + (t.transposed,) for t in todo)
     for t in targets:
         if t.skip_reason is not None:
             report.layers.append(_layer(t, "skipped", reason=t.skip_reason))
@@ -144,6 +148,10 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         layer.bytes_before = 0 if shared else int(t.chain.tensor.nbytes)
         layer.bytes_after = nbytes
         report.layers.append(layer)
+        uses[key] -= 1
+        if uses[key] == 0:
+            solved[key] = None  # keeps `key in solved` meaning "seen" while freeing the codes
+        del w, qw
     passes.remove_unused(ir_model)
     report.seconds = time.perf_counter() - started
     return QuantizeResult(ir_model, report)

@@ -74,3 +74,37 @@ def messy(seed: int = 1) -> onnx.ModelProto:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def write_large_model(path: Path, *, k: int = 8192, n: int = 24576, layers: int = 3, seed: int = 0) -> int:
+    """A chain of ``layers`` MatMuls with [k, n] / [n, k] weights stored as external data, written
+    one weight at a time (never the whole model in memory). Returns the bytes of weights."""
+    rng = np.random.default_rng(seed)
+    data_name = path.name + ".data"
+    initializers, nodes = [], []
+    offset = 0
+    with open(path.parent / data_name, "wb") as f:
+        for i in range(layers):
+            shape = (k, n) if i % 2 == 0 else (n, k)
+            rows_per_chunk = max(1, (64 << 20) // (shape[1] * 4))
+            for start in range(0, shape[0], rows_per_chunk):
+                rows = min(rows_per_chunk, shape[0] - start)
+                chunk = rng.standard_normal((rows, shape[1]), dtype=np.float32) / np.float32(np.sqrt(shape[0]))
+                f.write(chunk.tobytes())
+            length = shape[0] * shape[1] * 4
+            t = onnx.TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=list(shape))
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            initializers.append(t)
+            offset += length
+            nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}"))
+    out_dim = n if layers % 2 else k
+    graph = helper.make_graph(
+        nodes, "large", [helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info(f"h{layers}", TensorProto.FLOAT, ["batch", out_dim])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    return offset

@@ -30,6 +30,11 @@ class ConstantChain:
 
     def array(self) -> np.ndarray:
         x = self.tensor.numpy()
+        if isinstance(self.tensor, ir.ExternalTensor):
+            # onnx_ir maps the whole data file per tensor; copy this one out and unmap, so pages of
+            # weights already processed don't stay resident on multi-GB models.
+            x = np.array(x, copy=True)
+            self.tensor.release()
         for op in self.ops:
             if op.op_type == "Transpose":
                 perm = op.attributes.get_ints("perm", None)

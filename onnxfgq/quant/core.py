@@ -84,25 +84,44 @@ def compute_qparams(
     return QParams(scale, zero_point, block_shape, qr)
 
 
+def code_dtype(qr: QRange) -> np.dtype:
+    """The narrowest numpy integer type that holds the codes (uint8 for unsigned <= 8 bits)."""
+    for dt in (np.uint8, np.int8, np.uint16, np.int16):
+        info = np.iinfo(dt)
+        if info.min <= qr.qmin and qr.qmax <= info.max:
+            return np.dtype(dt)
+    return np.dtype(np.int32)
+
+
 def quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
-    """Integer codes (int32) for ``w``, rounded to nearest (ties to even) and clipped to the range."""
+    """Integer codes for ``w``, rounded to nearest (ties to even) and clipped to the range.
+
+    Codes come in the narrowest integer type that holds them (:func:`code_dtype`): a weight's codes
+    then take a quarter of its float memory, which matters on multi-GB models.
+    """
     lo, hi = qp.qr.qmin, qp.qr.qmax
+    out_type = code_dtype(qp.qr)
 
     def fn(x, scale, zp):
         q = np.divide(x, scale)
         np.round(q, out=q)
         q += zp
         np.clip(q, lo, hi, out=q)
-        return q.astype(np.int32)
+        return q.astype(out_type)
 
     return blockwise(np.asarray(w, dtype=np.float32), qp.block_shape, fn, qp.scale, qp.zero_point)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
-    def fn(x, scale, zp):
-        return (x - zp).astype(np.float32) * scale
+    zero = np.asarray(qp.zero_point, np.float32)
 
-    return blockwise(np.asarray(q, dtype=np.int32), qp.block_shape, fn, qp.scale, qp.zero_point)
+    def fn(x, scale, zp):
+        out = x.astype(np.float32)
+        out -= zp
+        out *= scale
+        return out
+
+    return blockwise(np.asarray(q), qp.block_shape, fn, qp.scale, zero)
 
 
 def fake_quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
@@ -112,10 +131,14 @@ def fake_quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf for an exact match)."""
     ref = np.asarray(reference).ravel()
-    err = (ref - np.asarray(approx).ravel()).astype(np.float64)
-    ref = ref.astype(np.float64)
-    noise = float(np.dot(err, err))
-    signal = float(np.dot(ref, ref))
+    approx = np.asarray(approx).ravel()
+    noise = signal = 0.0
+    step = 1 << 22  # float64 in chunks: no full-size temporaries on multi-GB weights
+    for start in range(0, ref.size, step):
+        r = ref[start:start + step].astype(np.float64)
+        e = r - approx[start:start + step]
+        noise += float(np.dot(e, e))
+        signal += float(np.dot(r, r))
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
