@@ -154,8 +154,11 @@ def _choices(w: np.ndarray, wc: WeightConfig, fmt: OutputFormat, stats: Activati
         else:
             specs = candidate_specs(k, bits, wc.symmetric, power_of_two=pow2, blocks=blocks)
         for s in specs:
-            wq = _fake_quant(w, s)
-            err = output_error(w, wq, h) if h is not None else weight_error(w, wq)
+            if blocks is None and wc.target_bits <= 0:  # nothing to choose: skip the measurement
+                err = float("nan")
+            else:
+                wq = _fake_quant(w, s)
+                err = output_error(w, wq, h) if h is not None else weight_error(w, wq)
             out.append(Choice(s, err, storage_bits(k, n, s, scale_bits=scale_bits, pad_to_power_of_two=pow2)))
     return out
 

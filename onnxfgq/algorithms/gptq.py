@@ -52,24 +52,31 @@ def _inverse_hessian_chol(h: np.ndarray, damp: float) -> np.ndarray:
     raise np.linalg.LinAlgError("Hessian is not positive definite even with heavy dampening")
 
 
-def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = True,
-         clip: bool = False, block_rows: int = 128) -> QuantizedWeight:
-    """Quantize ``w [K, N]`` given the input Hessian ``h [K, K]``."""
-    w = np.array(w, dtype=np.float32)
-    k, n = w.shape
+def prepare(h: np.ndarray, *, damp: float, act_order: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What GPTQ needs from a Hessian, shared by every weight that reads the same input:
+    (dead input channels, row order, upper Cholesky factor of the damped inverse in that order)."""
     h = np.array(h, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    u = _inverse_hessian_chol(h[np.ix_(perm, perm)], damp).astype(np.float32)
+    return dead, perm, u
+
+
+def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = True,
+         clip: bool = False, block_rows: int = 128,
+         prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> QuantizedWeight:
+    """Quantize ``w [K, N]`` given the input Hessian ``h [K, K]`` (or its ``prepare``d form)."""
+    w = np.array(w, dtype=np.float32)
+    k, n = w.shape
+    dead, perm, u = prepared if prepared is not None else prepare(h, damp=damp, act_order=act_order)
     w[dead, :] = 0.0
-    diag_h = np.diag(h).copy()
     # Static qparams from the (dead-zeroed) original weights: the groups do not move with the order.
-    qp = (search_qparams(w, spec, diag_h) if clip else
+    qp = (search_qparams(w, spec, np.diag(h)) if clip else
           compute_qparams(w, spec.block_shape, spec.bits, symmetric=spec.symmetric, signed=False))
     scale, zero = _row_params(qp, (k, n))
     qmax = float(qp.qr.qmax)
-    perm = np.argsort(-diag_h, kind="stable") if act_order else np.arange(k)
     w, scale, zero = w[perm], scale[perm], zero[perm]
-    u = _inverse_hessian_chol(h[np.ix_(perm, perm)], damp).astype(np.float32)
     codes = np.empty((k, n), np.float32)
     for i1 in range(0, k, block_rows):
         i2 = min(i1 + block_rows, k)
@@ -102,4 +109,9 @@ class GPTQ:
         self.stats.update(x)
 
     def solve(self, w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
-        return gptq(w, self.stats.hessian(), spec, damp=self.damp, act_order=self.act_order, clip=self.clip)
+        h = self.stats.hessian()
+        key = ("gptq", self.damp, self.act_order)
+        if key not in self.stats.cache:  # q, k and v share one factorisation
+            self.stats.cache[key] = prepare(h, damp=self.damp, act_order=self.act_order)
+        return gptq(w, h, spec, damp=self.damp, act_order=self.act_order, clip=self.clip,
+                    prepared=self.stats.cache[key])

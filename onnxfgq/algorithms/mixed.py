@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from onnxfgq.algorithms.adaptive import Choice
+from onnxfgq.config import ConfigError
 
 
-class BudgetError(ValueError):
-    pass
+class BudgetError(ConfigError):
+    def __init__(self, message: str):
+        super().__init__("--target-bits", message)
 
 
 def average_bits(picks: Sequence[Choice], sizes: Sequence[int]) -> float:
@@ -30,7 +32,7 @@ def allocate(options: Sequence[Sequence[Choice]], sizes: Sequence[int], target_b
     cheapest = [min(o, key=lambda c: (c.storage_bits, c.error)) for o in options]
     floor = sum(c.storage_bits for c in cheapest)
     if floor > budget:
-        raise BudgetError(f"--target-bits {target_bits}: even the cheapest options need "
+        raise BudgetError(f"{target_bits} is below what even the cheapest options need: "
                           f"{floor / total:.3f} bits per weight")
 
     def pick(lam: float) -> list[Choice]:

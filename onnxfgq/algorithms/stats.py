@@ -12,6 +12,7 @@ class ActivationStats:
         self.gram: np.ndarray | None = None  # float64 [K, K], sum of x x^T over rows
         self.abs_sum: np.ndarray | None = None  # float64 [K]
         self.rows = 0
+        self.cache: dict = {}  # solver by-products that depend only on these statistics
 
     def update(self, x: np.ndarray) -> None:
         """Add one batch ``[..., K]`` (rows are every leading index)."""
@@ -24,6 +25,7 @@ class ActivationStats:
         self.gram += (x.T @ x).astype(np.float64)
         self.abs_sum += np.abs(x).sum(0, dtype=np.float64)
         self.rows += x.shape[0]
+        self.cache.clear()
 
     @property
     def k(self) -> int:
