@@ -72,8 +72,17 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize the weights of ``model`` as ``config`` says; returns the new model and a report.
 
-    The input (path or object) is never modified.
+    The input (path or object) is never modified. With ``config.activations`` set, this is static
+    int8 (weights + activations), calibrated on ``config.activations.calibration``.
     """
+    if config is not None and config.activations is not None:
+        from onnxfgq.static import open_calibration, quantize_static
+
+        ir_model = load_model(model)
+        data, ranges, label = open_calibration(config.activations.calibration, ir_model, config.activations)
+        qmodel, report = quantize_static(ir_model, config, data=data, ranges=ranges, progress=progress,
+                                         data_label=label)
+        return QuantizeResult(qmodel, report)
     return _quantize_model(load_model(model), config or QuantizeConfig(), progress)
 
 
