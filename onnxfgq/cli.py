@@ -377,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"onnxfgq: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from onnxfgq.ops import OpsLibraryError
+
+        if args.debug or not isinstance(exc, OpsLibraryError):
+            raise
+        print(f"onnxfgq: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("onnxfgq: interrupted; no output was written", file=sys.stderr)
         return 130

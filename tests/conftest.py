@@ -44,3 +44,13 @@ def cnn_dir() -> Path:
     out = ROOT / "build" / "test-models" / "cnn"
     export(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def ops_library() -> Path:
+    """The custom-op library, built once (CPU kernels; an existing build is reused as configured)."""
+    from onnxfgq import _build_ops
+
+    if _build_ops.library_in_build_dir().is_file():
+        return _build_ops.build(cuda=None)
+    return _build_ops.build(cuda="OFF")

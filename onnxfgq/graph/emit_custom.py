@@ -1,0 +1,64 @@
+"""Emitter for our own op, ``com.onnxfgq::MatMulBlockQuant`` (custom_ops/): what the standard ops
+cannot express, such as 3, 5, 6 or 7 bits and block sizes that are not powers of two.
+
+Layout (custom_ops/README.md): B is uint8 ``[N, ceil(K*bits/8)]``, each row a little-endian bit
+stream of that output column's K codes; scales ``[N, ceil(K/block_size)]`` in A's type; optional
+unpacked uint8 zero points of the same shape (default ``2**(bits-1)``); optional bias ``[N]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxfgq import ops
+from onnxfgq.algorithms import QuantizedWeight
+from onnxfgq.config import Granularity, OutputFormat
+from onnxfgq.graph.emit import MatMulNBitsEmitter, _float_dtype, _gemm_bias, _replace_node, _unique
+from onnxfgq.graph.targets import Target
+from onnxfgq.quant.bitstream import pack_bitstream
+from onnxfgq.quant.layouts import resample_blocks
+
+
+class CustomOpEmitter(MatMulNBitsEmitter):
+    """MatMul/Gemm -> MatMulBlockQuant; embedding tables still go to GatherBlockQuantized (4/8 bits)."""
+
+    format = OutputFormat.CUSTOM
+
+    def block_k(self, k: int) -> int:
+        if self.config.granularity is Granularity.GROUP:
+            return min(self.config.block_size, k)
+        return k  # one group spans K: per-channel needs no power of two here
+
+    def weight_block_k(self, k: int, qw: QuantizedWeight) -> int:
+        bk, bn = qw.qparams.block_shape
+        return bk if bn == 1 and bk < k else self.block_k(k)
+
+    def emit(self, target: Target, qw: QuantizedWeight) -> int:
+        if target.kind == "gather":
+            return self._emit_gather(target, qw)
+        k, n = target.shape_kn
+        bits, bk = qw.bits, self.weight_block_k(k, qw)
+        dtype = _float_dtype(target)
+        zp = None
+        if not qw.symmetric:
+            zp = ir.tensor(resample_blocks(qw.qparams.zero_point, qw.qparams, (k, n), 0, bk).astype(np.uint8))
+        scales = resample_blocks(qw.qparams.scale, qw.qparams, (k, n), 0, bk).astype(dtype)
+        packed = pack_bitstream(np.ascontiguousarray(qw.codes.T), bits)
+        key = target.chain.key + (target.transposed,)
+        (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
+                                           [ir.tensor(packed), ir.tensor(scales), zp])
+        bias, _ = _gemm_bias(target)
+        inputs = [target.node.inputs[0], b, s, z]
+        if bias is not None:
+            bias.name = _unique(self.graph, target.name + "_bias")
+            self.graph.register_initializer(bias)
+            nbytes += bias.const_value.nbytes
+            inputs.append(bias)
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        node = ir.node(ops.OP_TYPE, inputs, {"K": k, "N": n, "bits": bits, "block_size": bk},
+                       domain=ops.DOMAIN, name=target.name + "_" + ops.OP_TYPE)
+        self.model.opset_imports.setdefault(ops.DOMAIN, ops.OPSET_VERSION)
+        _replace_node(self.graph, target.node, [node], node.outputs[0])
+        return nbytes
