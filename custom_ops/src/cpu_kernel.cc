@@ -69,7 +69,8 @@ void RunTask(void* data, size_t index) {
   if (n0 >= n1) return;
   thread_local std::vector<float> scratch;
   const size_t need = t.prefill
-                          ? static_cast<size_t>((n1 - n0) * (p.k + 8) + 2 * p.groups + 3 * (p.k + 64))
+                          ? static_cast<size_t>(std::max<int64_t>(n1 - n0, 16) * (p.k + 8) + 2 * p.groups +
+                                                3 * (p.k + 64))
                           : static_cast<size_t>(3 * (p.k + 64) + 2 * p.groups);
   if (scratch.size() < need) scratch.resize(need);
   if (t.prefill) {
@@ -116,8 +117,8 @@ void CpuMatMulBlockQuant(const CpuProblem& p, ParallelForFn parallel_for, void* 
   t.prefill = p.m >= kPrefillMinRows;
   t.avx2 = UseAvx2();
   // Decode: small column ranges balance well and each column is one pass over its bytes.
-  // Prefill: 32 columns per tile amortise the dequantisation over all M rows.
-  t.cols_per_task = t.prefill ? 32 : 16;
+  // Prefill: a 16-column tile is dequantised once and reused for all M rows.
+  t.cols_per_task = 16;
   const size_t tasks = static_cast<size_t>((p.n + t.cols_per_task - 1) / t.cols_per_task);
   if (parallel_for != nullptr && tasks > 1) {
     parallel_for(pool, &RunTask, tasks, &t);

@@ -57,25 +57,26 @@ struct Decoder {
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, shuffle), shift), mask);
   }
 
-  // Full chunk of 8 codes starting at code k (k % 8 == 0, k + 8 <= K).
+  // Full chunk of 8 codes whose `bits` bytes start at src (only the last chunk of a row may
+  // need Safe, every earlier one has 8 readable bytes before row_end for the generic path).
   template <int BITS>
-  inline __m256i Full(const uint8_t* row, const uint8_t* row_end, int64_t k) const {
+  inline __m256i Full(const uint8_t* src, const uint8_t* row_end) const {
     if constexpr (BITS == 4) {
       int32_t word;
-      std::memcpy(&word, row + k / 2, 4);
+      std::memcpy(&word, src, 4);
       const __m256i v = _mm256_set1_epi32(word);
       return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
                               _mm256_set1_epi32(0xF));
     } else if constexpr (BITS == 2) {
       uint16_t word;
-      std::memcpy(&word, row + k / 4, 2);
+      std::memcpy(&word, src, 2);
       const __m256i v = _mm256_set1_epi32(word);
       return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
                               _mm256_set1_epi32(0x3));
     } else if constexpr (BITS == 8) {
-      return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
+      return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
     } else {
-      return FromWord(Load8Bytes(row + (k / 8) * bits, row_end));
+      return FromWord(Load8Bytes(src, row_end));
     }
   }
 
@@ -105,18 +106,21 @@ void ColumnFused(const CpuProblem& p, const Decoder& dec, int64_t n, const float
     const int64_t k1_full = std::min(k1, k_full);
     const __m256 sv = _mm256_set1_ps(s[g]);
     const __m256 ov = _mm256_set1_ps(o[g]);
+    // Chunk bytes and A are walked with running pointers: no index arithmetic in the hot loop.
+    const int64_t step = BITS ? BITS : dec.bits;
+    const uint8_t* src = row + (k0 / 8) * step;
+    const float* ak = a + k0;
     int64_t k = k0;
-    for (; k + 8 * U <= k1_full; k += 8 * U) {
+    for (; k + 8 * U <= k1_full; k += 8 * U, src += U * step, ak += 8 * U) {
       for (int u = 0; u < U; ++u) {
-        const __m256 w =
-            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(row, row_end, k + 8 * u)), sv, ov);
+        const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(src + u * step, row_end)), sv, ov);
         for (int r = 0; r < MR; ++r)
-          acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a + r * K + k + 8 * u), acc[r][u]);
+          acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(ak + r * K + 8 * u), acc[r][u]);
       }
     }
-    for (; k < k1_full; k += 8) {
-      const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(row, row_end, k)), sv, ov);
-      for (int r = 0; r < MR; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a + r * K + k), acc[r][0]);
+    for (; k < k1_full; k += 8, src += step, ak += 8) {
+      const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(src, row_end)), sv, ov);
+      for (int r = 0; r < MR; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(ak + r * K), acc[r][0]);
     }
     if (k < k1) {  // last partial chunk of the row
       const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Safe(row, row_end, k)), sv, ov);
@@ -187,46 +191,63 @@ void ColumnsFusedRows(const CpuProblem& p, const Decoder& dec, int64_t n, const 
   }
 }
 
-// Register-blocked MR x NR dot products over k in [k0, k1) against a zero-padded tile.
-template <int MR, int NR>
-void MicroKernel(const float* a, int64_t K, const float* tile, int64_t tile_stride, int64_t k0, int64_t k1,
-                 bool first, float* y, int64_t y_stride) {
-  __m256 acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_setzero_ps();
-  int64_t k = k0;
-  for (; k + 8 <= k1; k += 8) {
-    __m256 av[MR];
-    for (int r = 0; r < MR; ++r) av[r] = _mm256_loadu_ps(a + r * K + k);
-    for (int c = 0; c < NR; ++c) {
-      const __m256 wv = _mm256_loadu_ps(tile + c * tile_stride + k);
-      for (int r = 0; r < MR; ++r) acc[r][c] = _mm256_fmadd_ps(av[r], wv, acc[r][c]);
+// Prefill micro-kernel: R rows of A x 16 packed weight columns, outer-product form (broadcast
+// one A value, FMA it into two 8-wide accumulators). packed is [K][16], k-major.
+template <int R>
+void Micro16(const float* a, int64_t K, const float* packed, int64_t k0, int64_t k1, bool first, float* y,
+             int64_t y_stride, int64_t width) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float* a0 = a;
+  const float* a1 = a + (R > 1 ? K : 0);
+  const float* a2 = a + (R > 2 ? 2 * K : 0);
+  const float* a3 = a + (R > 3 ? 3 * K : 0);
+  const float* a4 = a + (R > 4 ? 4 * K : 0);
+  const float* a5 = a + (R > 5 ? 5 * K : 0);
+  const float* bp = packed + k0 * 16;
+  for (int64_t k = k0; k < k1; ++k, bp += 16) {
+    const __m256 b0 = _mm256_load_ps(bp);
+    const __m256 b1 = _mm256_load_ps(bp + 8);
+    __m256 av = _mm256_broadcast_ss(a0 + k);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    if constexpr (R > 1) {
+      av = _mm256_broadcast_ss(a1 + k);
+      c10 = _mm256_fmadd_ps(av, b0, c10);
+      c11 = _mm256_fmadd_ps(av, b1, c11);
+    }
+    if constexpr (R > 2) {
+      av = _mm256_broadcast_ss(a2 + k);
+      c20 = _mm256_fmadd_ps(av, b0, c20);
+      c21 = _mm256_fmadd_ps(av, b1, c21);
+    }
+    if constexpr (R > 3) {
+      av = _mm256_broadcast_ss(a3 + k);
+      c30 = _mm256_fmadd_ps(av, b0, c30);
+      c31 = _mm256_fmadd_ps(av, b1, c31);
+    }
+    if constexpr (R > 4) {
+      av = _mm256_broadcast_ss(a4 + k);
+      c40 = _mm256_fmadd_ps(av, b0, c40);
+      c41 = _mm256_fmadd_ps(av, b1, c41);
+    }
+    if constexpr (R > 5) {
+      av = _mm256_broadcast_ss(a5 + k);
+      c50 = _mm256_fmadd_ps(av, b0, c50);
+      c51 = _mm256_fmadd_ps(av, b1, c51);
     }
   }
-  if (k < k1) {
-    const __m256i m = TailMask(k1 - k);
-    __m256 av[MR];
-    for (int r = 0; r < MR; ++r) av[r] = _mm256_maskload_ps(a + r * K + k, m);
-    for (int c = 0; c < NR; ++c) {
-      const __m256 wv = _mm256_loadu_ps(tile + c * tile_stride + k);
-      for (int r = 0; r < MR; ++r) acc[r][c] = _mm256_fmadd_ps(av[r], wv, acc[r][c]);
-    }
+  alignas(32) float out[6][16];
+  _mm256_store_ps(out[0], c00), _mm256_store_ps(out[0] + 8, c01);
+  _mm256_store_ps(out[1], c10), _mm256_store_ps(out[1] + 8, c11);
+  _mm256_store_ps(out[2], c20), _mm256_store_ps(out[2] + 8, c21);
+  _mm256_store_ps(out[3], c30), _mm256_store_ps(out[3] + 8, c31);
+  _mm256_store_ps(out[4], c40), _mm256_store_ps(out[4] + 8, c41);
+  _mm256_store_ps(out[5], c50), _mm256_store_ps(out[5] + 8, c51);
+  for (int r = 0; r < R; ++r) {
+    float* dst = y + r * y_stride;
+    for (int64_t j = 0; j < width; ++j) dst[j] = first ? out[r][j] : dst[j] + out[r][j];
   }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) {
-      const float v = HorizontalSum(acc[r][c]);
-      y[r * y_stride + c] = first ? v : y[r * y_stride + c] + v;
-    }
-}
-
-template <int NR>
-void MicroRows(const CpuProblem& p, const float* tile, int64_t stride, int64_t n, int64_t k0, int64_t k1,
-               bool first) {
-  int64_t m = 0;
-  for (; m + 4 <= p.m; m += 4)
-    MicroKernel<4, NR>(p.a + m * p.k, p.k, tile, stride, k0, k1, first, p.y + m * p.n + n, p.n);
-  for (; m < p.m; ++m)
-    MicroKernel<1, NR>(p.a + m * p.k, p.k, tile, stride, k0, k1, first, p.y + m * p.n + n, p.n);
 }
 
 }  // namespace
@@ -265,22 +286,42 @@ void ColumnsAvx2(const CpuProblem& p, int64_t n0, int64_t n1, float* scratch) {
 
 void TileAvx2(const CpuProblem& p, int64_t n0, int64_t n1, float* scratch) {
   const Decoder dec(p.bits);
-  const int64_t stride = (p.k + 7) & ~int64_t{7};
+  const int64_t K = p.k;
   float* s = scratch;
   float* o = s + p.groups;
   float* cbuf = o + p.groups;
-  float* tile = cbuf + p.k + 64;
-  for (int64_t n = n0; n < n1; ++n) {
-    ColumnParams(p, n, s, o);
-    DequantRow(p, dec, n, s, o, cbuf, tile + (n - n0) * stride);
-  }
-  // K blocks keep the NR weight rows in L1 while A's rows stream through.
-  constexpr int64_t kBlock = 256;
-  for (int64_t k0 = 0; k0 < p.k; k0 += kBlock) {
-    const int64_t k1 = std::min(p.k, k0 + kBlock);
-    int64_t n = n0;
-    for (; n + 2 <= n1; n += 2) MicroRows<2>(p, tile + (n - n0) * stride, stride, n, k0, k1, k0 == 0);
-    for (; n < n1; ++n) MicroRows<1>(p, tile + (n - n0) * stride, stride, n, k0, k1, k0 == 0);
+  float* w = cbuf + K + 64;
+  // 32-byte aligned [K][16] buffer for the packed weights of 16 columns.
+  float* packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(w + K + 64) + 31) & ~uintptr_t{31});
+  constexpr int64_t kRows = 6;    // 6 x 16 accumulators = 12 of the 16 ymm registers
+  constexpr int64_t kBlock = 256; // 16 KiB of packed weights stay in L1 while A's rows stream
+  for (int64_t t0 = n0; t0 < n1; t0 += 16) {
+    const int64_t width = std::min<int64_t>(16, n1 - t0);
+    for (int64_t j = 0; j < 16; ++j) {
+      if (j < width) {
+        ColumnParams(p, t0 + j, s, o);
+        DequantRow(p, dec, t0 + j, s, o, cbuf, w);
+        for (int64_t k = 0; k < K; ++k) packed[k * 16 + j] = w[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) packed[k * 16 + j] = 0.0f;
+      }
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+      const int64_t k1 = std::min(K, k0 + kBlock);
+      const bool first = k0 == 0;
+      for (int64_t m0 = 0; m0 < p.m; m0 += kRows) {
+        const float* a = p.a + m0 * K;
+        float* y = p.y + m0 * p.n + t0;
+        switch (std::min(kRows, p.m - m0)) {
+          case 1: Micro16<1>(a, K, packed, k0, k1, first, y, p.n, width); break;
+          case 2: Micro16<2>(a, K, packed, k0, k1, first, y, p.n, width); break;
+          case 3: Micro16<3>(a, K, packed, k0, k1, first, y, p.n, width); break;
+          case 4: Micro16<4>(a, K, packed, k0, k1, first, y, p.n, width); break;
+          case 5: Micro16<5>(a, K, packed, k0, k1, first, y, p.n, width); break;
+          default: Micro16<6>(a, K, packed, k0, k1, first, y, p.n, width); break;
+        }
+      }
+    }
   }
 }
 
