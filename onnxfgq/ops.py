@@ -60,6 +60,18 @@ def register(session_options) -> None:
         raise OpsLibraryError(f"onnxruntime {onnxruntime.__version__} could not load {path}: {exc}") from exc
 
 
+def output_shape(a_shape, n: int) -> list:
+    """Shape of MatMulBlockQuant's output for an A of shape a_shape: ``a_shape[:-1] + [n]``.
+
+    The op registers no C++ shape inference (ORT infers the output type only); emitters use this
+    to write value_info. Dimensions may be ints or symbolic names.
+    """
+    a_shape = list(a_shape)
+    if not a_shape:
+        raise ValueError("A must have at least one dimension ([..., K])")
+    return a_shape[:-1] + [int(n)]
+
+
 def build(force: bool = False) -> Path:
     """Build the library from a source checkout (see tools/build_custom_ops.py); returns its path."""
     from onnxfgq import _build_ops

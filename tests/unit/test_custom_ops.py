@@ -192,6 +192,12 @@ def test_model_passes_onnx_checker(library):
     onnx.checker.check_model(model, full_check=True)
 
 
+def test_output_shape_helper():
+    assert ops.output_shape([2, "seq", 123], 73) == [2, "seq", 73]
+    with pytest.raises(ValueError):
+        ops.output_shape([], 4)
+
+
 def test_library_path_and_errors(library, monkeypatch, tmp_path):
     assert ops.library_path() == library
     monkeypatch.setenv(ops.ENV_VAR, str(tmp_path / "missing.so"))
