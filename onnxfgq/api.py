@@ -5,11 +5,12 @@ Data flows one way: targets (graph) -> weights (algorithms on quant/) -> nodes (
 
 from __future__ import annotations
 
-import copy
 import os
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def load_model(model: ModelLike) -> ir.Model:
     if isinstance(model, ir.Model):
         return ir.from_proto(ir.to_proto(model))
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(copy.deepcopy(model))
+        # from_proto builds a separate graph; tensors are read from the proto but never written
+        return ir.from_proto(model)
     return io.load(model)
 
 
@@ -128,28 +130,41 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
 
     # A shared weight is solved once; its codes are dropped after its last user (bounded memory).
     solved: dict[tuple, QuantizedWeight | None] = {}
-    uses = Counter(t.chain.key + (t.transposed,) for t in todo)
+    weight_sqnr: dict[tuple, float] = {}
+    uses = Counter(_key(t) for t in todo)
     for t in targets:
         if t.skip_reason is not None:
             report.layers.append(_layer(t, "skipped", reason=t.skip_reason))
-    for t in progress(todo, len(todo), "quantizing"):
-        key = t.chain.key + (t.transposed,)
-        shared = key in solved
+
+    def rtn(t: Target) -> tuple[QuantizedWeight, float]:
         w = t.weight()
+        red, chan = t.quant_axes
+        qw = make_quantizer(wc.algorithm).solve(w, QuantSpec(wc.bits, wc.block_shape(w.shape, red, chan),
+                                                              wc.symmetric))
+        return qw, sqnr_db(w, qw.dequantize())
+
+    # Plain solves of distinct weights run ahead on a small thread pool (numpy releases the GIL);
+    # graph edits stay on this thread, in order.
+    distinct = {_key(t): t for t in reversed(todo)}
+    plain = [t for t in todo if distinct[_key(t)] is t and not (plan is not None and plan.covers(t))]
+    ahead = _run_ahead(rtn, plain)
+    for t in progress(todo, len(todo), "quantizing"):
+        key = _key(t)
+        shared = key in solved
         planned = plan is not None and plan.covers(t)
         if not shared and planned:
-            solved[key] = plan.solve(t, w)
+            w = t.weight()
+            solved[key] = qw = plan.solve(t, w)
+            weight_sqnr[key] = sqnr_db(w, plan.effective(t, qw))
         elif not shared:
-            red, chan = t.quant_axes
-            spec = QuantSpec(wc.bits, wc.block_shape(w.shape, red, chan), wc.symmetric)
-            solved[key] = make_quantizer(wc.algorithm).solve(w, spec)
+            solved[key], weight_sqnr[key] = next(ahead)
         qw = solved[key]
         nbytes = emitter.emit(t, qw)
         layer = _layer(t, "shared" if shared else "quantized", bits=qw.bits,
                        block=_describe_block(t, qw), fmt=fmt.value, algorithm=wc.algorithm.value)
-        layer.sqnr_db = sqnr_db(w, plan.effective(t, qw) if planned else qw.dequantize())
+        layer.sqnr_db = weight_sqnr[key]
         if planned:
-            err = plan.output_error(t, w, qw)
+            err = plan.output_error(t, t.weight(), qw)
             layer.output_sqnr_db = None if err is None else float(-10 * np.log10(max(err, 1e-30)))
             layer.detail = plan.weights[key].awq_note
         if not shared and t.kind == "matmul":
@@ -160,10 +175,36 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         uses[key] -= 1
         if uses[key] == 0:
             solved[key] = None  # keeps `key in solved` meaning "seen" while freeing the codes
-        del w, qw
+        del qw
     passes.remove_unused(ir_model)
     report.seconds = time.perf_counter() - started
     return QuantizeResult(ir_model, report)
+
+
+def _key(t: Target) -> tuple:
+    """Identifies the weight tensor (and orientation) a target reads: equal keys share a solve."""
+    return t.chain.key + (t.transposed,)
+
+
+def _run_ahead(fn: Callable, items: list, workers: int = 2, window: int = 3) -> Iterator:
+    """``fn(item)`` for each item, in order, computed up to ``window`` items ahead on threads."""
+    if len(items) <= 1 or (os.cpu_count() or 1) < 2:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        it = iter(items)
+        for item in islice(it, window):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, _END)
+            if nxt is not _END:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+
+
+_END = object()
 
 
 def _layer(t: Target, status: str, *, reason: str = "", bits: int = 0, block: str = "",
