@@ -100,39 +100,87 @@ void ColumnFused(const CpuProblem& p, const Decoder& dec, int64_t n, const float
   __m256 acc[MR][U];
   for (int r = 0; r < MR; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  // Groups are whole chunks (block_size % 8 == 0), so bytes of B and A are walked with running
+  // pointers across groups: no index arithmetic in the hot loop.
+  const int64_t step = BITS ? BITS : dec.bits;
+  const int64_t chunks_per_group = p.block_size / 8;
+  const int64_t full_chunks = k_full / 8;
+  const uint8_t* src = row;
+  const float* ak = a;
+  int64_t chunk = 0;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t k0 = g * p.block_size;
-    const int64_t k1 = std::min(K, k0 + p.block_size);
-    const int64_t k1_full = std::min(k1, k_full);
-    const __m256 sv = _mm256_set1_ps(s[g]);
-    const __m256 ov = _mm256_set1_ps(o[g]);
-    // Chunk bytes and A are walked with running pointers: no index arithmetic in the hot loop.
-    const int64_t step = BITS ? BITS : dec.bits;
-    const uint8_t* src = row + (k0 / 8) * step;
-    const float* ak = a + k0;
-    int64_t k = k0;
-    for (; k + 8 * U <= k1_full; k += 8 * U, src += U * step, ak += 8 * U) {
+    const __m256 sv = _mm256_broadcast_ss(s + g);
+    const __m256 ov = _mm256_broadcast_ss(o + g);
+    const int64_t end = std::min(chunk + chunks_per_group, full_chunks);
+    if (chunks_per_group == U && end - chunk == U) {  // e.g. block 32 at M=1: straight-line group
+      for (int u = 0; u < U; ++u) {
+        const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(src + u * step, row_end)), sv, ov);
+        for (int r = 0; r < MR; ++r)
+          acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(ak + r * K + 8 * u), acc[r][u]);
+      }
+      chunk += U, src += U * step, ak += 8 * U;
+      continue;
+    }
+    for (; chunk + U <= end; chunk += U, src += U * step, ak += 8 * U) {
       for (int u = 0; u < U; ++u) {
         const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(src + u * step, row_end)), sv, ov);
         for (int r = 0; r < MR; ++r)
           acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(ak + r * K + 8 * u), acc[r][u]);
       }
     }
-    for (; k < k1_full; k += 8, src += step, ak += 8) {
+    for (; chunk < end; ++chunk, src += step, ak += 8) {
       const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Full<BITS>(src, row_end)), sv, ov);
       for (int r = 0; r < MR; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(ak + r * K), acc[r][0]);
     }
-    if (k < k1) {  // last partial chunk of the row
-      const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Safe(row, row_end, k)), sv, ov);
-      const __m256i m = TailMask(K - k);
-      for (int r = 0; r < MR; ++r)
-        acc[r][0] = _mm256_fmadd_ps(w, _mm256_maskload_ps(a + r * K + k, m), acc[r][0]);
-    }
+  }
+  if (k_full < K) {  // last partial chunk of the row, in the last group
+    const __m256 sv = _mm256_broadcast_ss(s + p.groups - 1);
+    const __m256 ov = _mm256_broadcast_ss(o + p.groups - 1);
+    const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dec.Safe(row, row_end, k_full)), sv, ov);
+    const __m256i m = TailMask(K - k_full);
+    for (int r = 0; r < MR; ++r)
+      acc[r][0] = _mm256_fmadd_ps(w, _mm256_maskload_ps(a + r * K + k_full, m), acc[r][0]);
   }
   for (int r = 0; r < MR; ++r) {
     __m256 t = acc[r][0];
     for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[r][u]);
     y[r * p.n] = HorizontalSum(t);
+  }
+}
+
+// ColumnParams with 8 groups per step for fp32 scales (fp16 inputs take the scalar helper).
+void ColumnParamsAvx2(const CpuProblem& p, int64_t n, float* s, float* o) {
+  if (p.scales_half || p.zp_kind == ZeroPointKind::kHalf) {
+    ColumnParams(p, n, s, o);
+    return;
+  }
+  const int64_t G = p.groups;
+  const float* sc = static_cast<const float*>(p.scales) + n * G;
+  const bool has_zp = p.zero_points != nullptr;
+  const uint8_t* zp_u8 = has_zp ? static_cast<const uint8_t*>(p.zero_points) + n * G : nullptr;
+  const float* zp_f = has_zp ? static_cast<const float*>(p.zero_points) + n * G : nullptr;
+  const float default_zp = static_cast<float>(1 << (p.bits - 1));
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 sv = _mm256_loadu_ps(sc + g);
+    __m256 zv;
+    if (p.zp_kind == ZeroPointKind::kUint8) {
+      zv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp_u8 + g))));
+    } else if (p.zp_kind == ZeroPointKind::kFloat) {
+      zv = _mm256_loadu_ps(zp_f + g);
+    } else {
+      zv = _mm256_set1_ps(default_zp);
+    }
+    _mm256_storeu_ps(s + g, sv);
+    _mm256_storeu_ps(o + g, _mm256_fnmadd_ps(zv, sv, zero));
+  }
+  for (; g < G; ++g) {
+    const float zp = p.zp_kind == ZeroPointKind::kUint8   ? static_cast<float>(zp_u8[g])
+                     : p.zp_kind == ZeroPointKind::kFloat ? zp_f[g]
+                                                          : default_zp;
+    s[g] = sc[g];
+    o[g] = -zp * sc[g];
   }
 }
 
@@ -260,7 +308,7 @@ void ColumnsAvx2(const CpuProblem& p, int64_t n0, int64_t n1, float* scratch) {
   float* w = cbuf + p.k + 64;
   const bool fused = p.block_size % 8 == 0;
   for (int64_t n = n0; n < n1; ++n) {
-    ColumnParams(p, n, s, o);
+    ColumnParamsAvx2(p, n, s, o);
     if (fused) {
       switch (p.bits) {
         case 2: ColumnsFusedRows<2>(p, dec, n, s, o); break;
@@ -299,7 +347,7 @@ void TileAvx2(const CpuProblem& p, int64_t n0, int64_t n1, float* scratch) {
     const int64_t width = std::min<int64_t>(16, n1 - t0);
     for (int64_t j = 0; j < 16; ++j) {
       if (j < width) {
-        ColumnParams(p, t0 + j, s, o);
+        ColumnParamsAvx2(p, t0 + j, s, o);
         DequantRow(p, dec, t0 + j, s, o, cbuf, w);
         for (int64_t k = 0; k < K; ++k) packed[k * 16 + j] = w[k];
       } else {
