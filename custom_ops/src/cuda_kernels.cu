@@ -7,11 +7,15 @@
 //    compile-time bit offsets, and FMAs against up to 8 rows of A. Otherwise a generic
 //    per-code path handles any K and block size.
 //  * GEMM (M > 8): 64x64 output tiles, the B tile is dequantised into shared memory once per
-//    K step and reused by all 64 rows of A (SIMT FP32 FMAs; no tensor cores yet).
+//    K step and reused by all 64 rows of A. fp16: tensor cores (WMMA 16x16x16, fp32
+//    accumulation, weights rounded to fp16 in shared memory); fp32: SIMT FP32 FMAs, so fp32
+//    keeps full precision.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "block_quant.h"
 
@@ -234,6 +238,80 @@ __global__ void __launch_bounds__(kGemmThreads) GemmTiled(Problem p) {
   }
 }
 
+constexpr int kMmaThreads = 128;  // 4 warps, each a 32x32 quarter of the 64x64 tile
+constexpr int kMmaLd = kTileK + 8;  // halves; multiple of 8 as WMMA requires, skews banks
+constexpr int kMmaLdc = kTileN + 4;
+
+// fp16 GEMM on tensor cores: Y = A @ W^T; W's tile is stored [n][k], i.e. W^T column-major.
+__global__ void __launch_bounds__(kMmaThreads) GemmWmmaHalf(Problem p) {
+  using namespace nvcuda;
+  __shared__ __align__(32) __half as[kTileM * kMmaLd];
+  __shared__ __align__(32) __half bs[kTileN * kMmaLd];
+  __shared__ __align__(32) float cs[kTileM * kMmaLdc];
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarp;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const __half* a = static_cast<const __half*>(p.a);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  for (int64_t k0 = 0; k0 < p.k; k0 += kTileK) {
+#pragma unroll
+    for (int i = 0; i < (kTileM * kTileK) / kMmaThreads; ++i) {
+      const int e = tid + i * kMmaThreads;
+      const int r = e / kTileK, kk = e % kTileK;
+      const int64_t m = m0 + r, k = k0 + kk;
+      as[r * kMmaLd + kk] = (m < p.m && k < p.k) ? a[m * p.k + k] : __float2half(0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < (kTileN * kTileK) / kMmaThreads; ++i) {
+      const int e = tid + i * kMmaThreads;
+      const int c = e / kTileK, kk = e % kTileK;
+      const int64_t n = n0 + c, k = k0 + kk;
+      float w = 0.0f;
+      if (n < p.n && k < p.k) {
+        float s, o;
+        GroupParams<__half>(p, n, k / p.block_size, s, o);
+        w = static_cast<float>(CodeAt(p.b + n * p.row_bytes, p.row_bytes, k, p.bits)) * s + o;
+      }
+      bs[c * kMmaLd + kk] = __float2half_rn(w);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> af[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> bf[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(af[i], as + (wm + 16 * i) * kMmaLd + kk, kMmaLd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bf[j], bs + (wn + 16 * j) * kMmaLd + kk, kMmaLd);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(cs + (wm + 16 * i) * kMmaLdc + wn + 16 * j, acc[i][j], kMmaLdc, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < kTileM * kTileN; e += kMmaThreads) {
+    const int r = e / kTileN, c = e % kTileN;
+    const int64_t m = m0 + r, n = n0 + c;
+    if (m < p.m && n < p.n) {
+      const float bias = p.bias ? __half2float(static_cast<const __half*>(p.bias)[n]) : 0.0f;
+      static_cast<__half*>(p.y)[m * p.n + n] = __float2half_rn(cs[r * kMmaLdc + c] + bias);
+    }
+  }
+}
+
 constexpr int kGemvWarps = 8;  // columns per block
 constexpr int64_t kGemvMaxRows = 8;
 
@@ -260,8 +338,13 @@ template <typename T>
 int Launch(const Problem& p, cudaStream_t stream) {
   if (p.m <= 0) return 0;
   if (p.m > kGemvMaxRows) {
-    const dim3 grid(static_cast<unsigned>((p.n + kTileN - 1) / kTileN), static_cast<unsigned>((p.m + kTileM - 1) / kTileM));
-    GemmTiled<T><<<grid, kGemmThreads, 0, stream>>>(p);
+    const dim3 grid(static_cast<unsigned>((p.n + kTileN - 1) / kTileN),
+                    static_cast<unsigned>((p.m + kTileM - 1) / kTileM));
+    if constexpr (std::is_same_v<T, __half>) {
+      GemmWmmaHalf<<<grid, kMmaThreads, 0, stream>>>(p);
+    } else {
+      GemmTiled<T><<<grid, kGemmThreads, 0, stream>>>(p);
+    }
     return static_cast<int>(cudaGetLastError());
   }
   const bool fast = p.k % 32 == 0 && p.block_size % 32 == 0 &&
