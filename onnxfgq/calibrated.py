@@ -57,15 +57,48 @@ class WeightPlan:
 
 
 @dataclass
+class Sequential:
+    """GPTQ's sequential mode: weights are solved in graph order, and before each chunk of input
+    tensors is used its statistics are re-collected from the model as quantized so far, so later
+    layers compensate the error of earlier ones. Chunks of a few tensors keep the passes few
+    (a transformer layer reads four)."""
+
+    model: ir.Model
+    wc: WeightConfig
+    progress: Progress
+    chunks: list[list[str]]  # input tensor names in graph order
+    readers: dict[str, list[tuple]]  # tensor name -> weight keys reading it
+    done: set[str] = field(default_factory=set)
+    passes: int = 0
+
+
+@dataclass
 class Plan:
     weights: dict[tuple, WeightPlan] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     calibration_rows: int = 0
+    sequential: Sequential | None = None
 
     def covers(self, t: Target) -> bool:
         return weight_key(t) in self.weights
 
+    def _refresh(self, t: Target) -> None:
+        seq = self.sequential
+        name = t.node.inputs[0].name
+        if seq is None or name in seq.done or name not in seq.readers:
+            return
+        chunk = next(c for c in seq.chunks if name in c)
+        stats, _ = collect_stats(seq.model, chunk, seq.wc, seq.progress)
+        for tensor in chunk:
+            for key in seq.readers[tensor]:
+                p = self.weights[key]
+                p.stats = stats[tensor]
+                p.solver = _solver(seq.wc, p.stats)
+        seq.done.update(chunk)
+        seq.passes += 1
+
     def solve(self, t: Target, w: np.ndarray) -> QuantizedWeight:
+        self._refresh(t)
         p = self.weights[weight_key(t)]
         if p.awq_scale is not None:
             w = w * p.awq_scale[:, None]
@@ -243,7 +276,30 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         st = input_stats[key]
         plan.weights[key] = WeightPlan(pick.spec, _solver(wc, st), wc.algorithm.value, st,
                                        awq_scale.get(key), awq_note.get(key, ""), pick.error)
+    if "gptq" in wc.algorithm.parts and wc.gptq_sequential and wc.calibration:
+        plan.sequential = _sequential(model, wc, progress, by_key, readers)
     return plan
+
+
+SEQUENTIAL_CHUNK = 4  # input tensors per re-collection pass
+
+
+def _sequential(model: ir.Model, wc: WeightConfig, progress: Progress, by_key: dict[tuple, Target],
+                readers: dict[tuple, set[str]]) -> Sequential | None:
+    """Chunks of the input tensors (as the nodes read them now, after any AWQ edit) in graph order;
+    the first chunk keeps the statistics already collected (nothing before it is quantized)."""
+    tensors: dict[str, list[tuple]] = {}
+    for key, t in by_key.items():
+        if len(readers[key]) == 1:  # a weight read by two tensors keeps its merged float statistics
+            tensors.setdefault(t.node.inputs[0].name, []).append(key)
+    order = {node.outputs[0].name: i for i, node in enumerate(model.graph) if node.outputs}
+    names = sorted(tensors, key=lambda n: order.get(n, -1))
+    chunks = [names[i:i + SEQUENTIAL_CHUNK] for i in range(0, len(names), SEQUENTIAL_CHUNK)]
+    if len(chunks) < 2:
+        return None
+    seq = Sequential(model, wc, progress, chunks, tensors)
+    seq.done.update(chunks[0])
+    return seq
 
 
 def storage_bits_of(t: Target, qw: QuantizedWeight, fmt: OutputFormat) -> int:

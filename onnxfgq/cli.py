@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gptq-damp", type=float, default=_W.gptq_damp, help="GPTQ dampening (fraction of mean diag H)")
     c.add_argument("--no-act-order", dest="act_order", action="store_false", default=_W.gptq_act_order,
                    help="GPTQ: process rows in their order instead of by decreasing salience")
+    c.add_argument("--no-sequential", dest="sequential", action="store_false", default=_W.gptq_sequential,
+                   help="GPTQ: take every input from the float model (one calibration pass) instead of "
+                        "re-collecting later layers' inputs from the partly quantized model")
     _add_data_args(q, default_samples=8)
     q.set_defaults(func=cmd_quantize)
     _add_static_args(q)
@@ -176,7 +179,8 @@ def _calibrated_args(args: argparse.Namespace) -> dict:
     if getattr(args, "calibration", None):
         out["calibration"] = args.calibration
     for name, field_ in (("calib_samples", "calibration_samples"), ("calib_batch_size", "calibration_batch_size"),
-                         ("gptq_damp", "gptq_damp"), ("act_order", "gptq_act_order"), ("target_bits", "target_bits")):
+                         ("gptq_damp", "gptq_damp"), ("act_order", "gptq_act_order"), ("sequential", "gptq_sequential"),
+                         ("target_bits", "target_bits")):
         if getattr(args, name, None) is not None:
             out[field_] = getattr(args, name)
     if getattr(args, "max_error", None) is not None and args.granularity == Granularity.ADAPTIVE.value:

@@ -6,9 +6,12 @@ of the layer's input, so that the layer's *output* error on the calibration data
   channels that never fire (``H_kk == 0``) are zeroed and left out of the update.
 - Lazy blocks: errors are applied inside a block of ``block_rows`` rows eagerly and to the rest
   of the matrix once per block (one matrix product), which is where the time goes.
-- Act-order with static groups: rows are processed by decreasing ``H_kk`` (most salient first), but
-  the group qparams are computed up front on the original row order, so the result is a plain
-  per-group weight (no ``g_idx``) that MatMulNBits and DequantizeLinear read as is.
+- Act-order without ``g_idx``: rows are processed most salient (largest ``H_kk``) first, but a
+  group's rows stay together (groups ordered by their total salience), so each group's qparams
+  are computed when it starts, from the weights already corrected for the groups before it, and
+  the group membership is the stored one: a plain per-group weight that MatMulNBits and
+  DequantizeLinear read as is. ``full_act_order`` gives the original GPTQ's static groups instead
+  (any row order, qparams fixed from the original weights).
 - Any shape: groups are ``row // block`` and the last group may be short.
 """
 
@@ -52,46 +55,102 @@ def _inverse_hessian_chol(h: np.ndarray, damp: float) -> np.ndarray:
     raise np.linalg.LinAlgError("Hessian is not positive definite even with heavy dampening")
 
 
-def prepare(h: np.ndarray, *, damp: float, act_order: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def row_order(diag_h: np.ndarray, order: str, block: int) -> np.ndarray:
+    """Processing order of the rows: ``none`` (as stored), ``act`` (decreasing ``H_kk``), or ``group``
+    (groups of ``block`` rows by decreasing total ``H_kk``, rows by decreasing ``H_kk`` inside each:
+    act-order that keeps every group's rows together)."""
+    k = len(diag_h)
+    if order == "none":
+        return np.arange(k)
+    if order == "act":
+        return np.argsort(-diag_h, kind="stable")
+    groups = [np.arange(g, min(g + block, k)) for g in range(0, k, block)]
+    groups.sort(key=lambda rows: -float(diag_h[rows].sum()))
+    return np.concatenate([rows[np.argsort(-diag_h[rows], kind="stable")] for rows in groups])
+
+
+def prepare(h: np.ndarray, *, damp: float, order: str = "act", block: int = 0):
     """What GPTQ needs from a Hessian, shared by every weight that reads the same input:
     (dead input channels, row order, upper Cholesky factor of the damped inverse in that order)."""
     h = np.array(h, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    perm = row_order(np.diag(h), order, block or h.shape[0])
     u = _inverse_hessian_chol(h[np.ix_(perm, perm)], damp).astype(np.float32)
     return dead, perm, u
 
 
+def _segments(perm: np.ndarray, block: int, block_rows: int, whole_groups: bool) -> list[tuple[int, int]]:
+    """Lazy-update blocks over processing positions; with ``whole_groups`` they never split a group."""
+    k = len(perm)
+    if not whole_groups:
+        return [(i, min(i + block_rows, k)) for i in range(0, k, block_rows)]
+    group = perm // block
+    cuts = [0] + [i for i in range(1, k) if group[i] != group[i - 1]] + [k]
+    segs, start = [], 0
+    for c in cuts[1:]:
+        if c - start >= block_rows or c == k:
+            segs.append((start, c))
+            start = c
+    return segs
+
+
 def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = True,
-         clip: bool = False, block_rows: int = 128,
-         prepared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> QuantizedWeight:
-    """Quantize ``w [K, N]`` given the input Hessian ``h [K, K]`` (or its ``prepare``d form)."""
+         clip: bool = False, block_rows: int = 128, prepared=None, full_act_order: bool = False) -> QuantizedWeight:
+    """Quantize ``w [K, N]`` given the input Hessian ``h [K, K]`` (or its ``prepare``d form).
+
+    Group-wise weights with act-order use group-wise act-order (see ``row_order``): each group's rows
+    are processed together, so its qparams are computed when it starts, from the weights as updated
+    by the error of the groups before it (GPTQ's dynamic groups), and the group membership is the
+    stored one (plain per-group output, no ``g_idx``). Per-channel and per-tensor weights use plain
+    act-order with qparams from the original weights (static), as do group-wise weights with
+    ``full_act_order`` (the original GPTQ's static groups: any row order, qparams fixed up front).
+    """
     w = np.array(w, dtype=np.float32)
     k, n = w.shape
-    dead, perm, u = prepared if prepared is not None else prepare(h, damp=damp, act_order=act_order)
+    bk, bn = spec.block_shape
+    grouped = bn == 1 and bk < k
+    order = ("group" if grouped and not full_act_order else "act") if act_order else "none"
+    dynamic = grouped and order != "act"
+    dead, perm, u = prepared if prepared is not None else prepare(h, damp=damp, order=order, block=bk)
     w[dead, :] = 0.0
-    # Static qparams from the (dead-zeroed) original weights: the groups do not move with the order.
-    qp = (search_qparams(w, spec, np.diag(h)) if clip else
-          compute_qparams(w, spec.block_shape, spec.bits, symmetric=spec.symmetric, signed=False))
+    diag_h = np.diag(h)
+
+    def qparams(x: np.ndarray, s: QuantSpec, rows: np.ndarray | None = None):
+        if clip:
+            return search_qparams(x, s, diag_h if rows is None else diag_h[rows])
+        return compute_qparams(x, s.block_shape, s.bits, symmetric=s.symmetric, signed=False)
+
+    qp = qparams(w, spec)  # static qparams from the (dead-zeroed) original weights
     scale, zero = _row_params(qp, (k, n))
+    group_scale, group_zero = qp.scale.copy(), qp.zero_point.copy()
     qmax = float(qp.qr.qmax)
     w, scale, zero = w[perm], scale[perm], zero[perm]
     codes = np.empty((k, n), np.float32)
-    for i1 in range(0, k, block_rows):
-        i2 = min(i1 + block_rows, k)
+    group = perm // bk
+    for i1, i2 in _segments(perm, bk, block_rows, dynamic):
         wb = w[i1:i2].copy()
         err = np.empty_like(wb)
         ub = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            r = i1 + i
+            if dynamic and (r == 0 or group[r] != group[r - 1]):  # a group starts: its qparams now
+                size = int(np.sum(group[r:r + bk] == group[r]))
+                gs = QuantSpec(spec.bits, (size, 1), spec.symmetric)
+                gq = qparams(wb[i:i + size], gs, perm[r:r + size])
+                g = group[r]
+                group_scale[g], group_zero[g] = gq.scale[0], gq.zero_point[0]
+                scale[r:r + size], zero[r:r + size] = gq.scale[0], gq.zero_point[0]
             row = wb[i]
-            q = np.clip(np.round(row / scale[i1 + i]) + zero[i1 + i], 0.0, qmax)
-            codes[i1 + i] = q
-            e = (row - (q - zero[i1 + i]) * scale[i1 + i]) / ub[i, i]
+            q = np.clip(np.round(row / scale[r]) + zero[r], 0.0, qmax)
+            codes[r] = q
+            e = (row - (q - zero[r]) * scale[r]) / ub[i, i]
             err[i] = e
             wb[i + 1:] -= np.outer(ub[i, i + 1:], e)
         if i2 < k:
             w[i2:] -= u[i1:i2, i2:].T @ err
+    if dynamic:
+        qp = QParams(group_scale, group_zero, qp.block_shape, qp.qr)
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(k)
     return QuantizedWeight(codes[inverse].astype(np.int32), qp)
@@ -110,8 +169,11 @@ class GPTQ:
 
     def solve(self, w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         h = self.stats.hessian()
-        key = ("gptq", self.damp, self.act_order)
+        bk, bn = spec.block_shape
+        grouped = bn == 1 and bk < w.shape[0]
+        order = ("group" if grouped else "act") if self.act_order else "none"
+        key = ("gptq", self.damp, order, bk if order == "group" else 0)
         if key not in self.stats.cache:  # q, k and v share one factorisation
-            self.stats.cache[key] = prepare(h, damp=self.damp, act_order=self.act_order)
+            self.stats.cache[key] = prepare(h, damp=self.damp, order=order, block=bk)
         return gptq(w, h, spec, damp=self.damp, act_order=self.act_order, clip=self.clip,
                     prepared=self.stats.cache[key])
