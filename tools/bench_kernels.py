@@ -164,9 +164,9 @@ def bench_gpu(args):
     lib = ctypes.CDLL(str(ops.library_path()))
     fn = lib.onnxfgq_cuda_matmul_block_quant
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                          ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
-    fn.argtypes[4] = ctypes.c_int
+    ptr = ctypes.c_void_p
+    fn.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int, ctypes.c_int64, ctypes.c_int, ptr]
     props = torch.cuda.get_device_properties(0)
     # Theoretical DRAM bandwidth is not exposed by torch; measure a device-to-device copy instead.
     big = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
