@@ -115,6 +115,14 @@ class Emitter:
         digest = _digest(qw.codes.T, qw.qparams.scale.T, qw.qparams.zero_point.T)
         return entry[1] if digest == entry[0] else None
 
+    def _folded_bias(self, target: Target) -> ir.Value | None:
+        """Gemm's ``beta * C`` as a registered ``[N]`` initializer (None for MatMul or no C)."""
+        bias, _ = _gemm_bias(target)
+        if bias is not None:
+            bias.name = _unique(self.graph, target.name + "_bias")
+            self.graph.register_initializer(bias)
+        return bias
+
     def _register(self, key: tuple, base: str, tensors: list[ir.TensorProtocol | None]) -> tuple[tuple, int]:
         if key in self._cache:
             return self._cache[key], 0
@@ -189,13 +197,11 @@ class MatMulNBitsEmitter(Emitter):
             blob = pack_matmulnbits(np.ascontiguousarray(qw.codes.T), bits, bk)
             (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
                                                [ir.tensor(blob), ir.tensor(scales), zp])
-        bias, _ = _gemm_bias(target)
+        bias = self._folded_bias(target)
         inputs = [target.node.inputs[0], b, s, z]
         if bias is not None:
-            bias.name = _unique(self.graph, target.name + "_bias")
-            self.graph.register_initializer(bias)
             nbytes += bias.const_value.nbytes
-            inputs += [None, bias]
+            inputs += [None, bias]  # input 4 (g_idx) stays empty
         node = ir.node(
             "MatMulNBits", inputs, {"K": k, "N": n, "bits": bits, "block_size": bk,
                                     "accuracy_level": self.config.accuracy_level},

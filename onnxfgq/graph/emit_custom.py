@@ -14,7 +14,7 @@ import onnx_ir as ir
 from onnxfgq import ops
 from onnxfgq.algorithms import QuantizedWeight
 from onnxfgq.config import Granularity, OutputFormat
-from onnxfgq.graph.emit import MatMulNBitsEmitter, _float_dtype, _gemm_bias, _replace_node, _unique
+from onnxfgq.graph.emit import MatMulNBitsEmitter, _float_dtype, _replace_node
 from onnxfgq.graph.targets import Target
 from onnxfgq.quant.bitstream import pack_bitstream
 from onnxfgq.quant.layouts import resample_blocks
@@ -48,11 +48,9 @@ class CustomOpEmitter(MatMulNBitsEmitter):
         key = target.chain.key + (target.transposed,)
         (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
                                            [ir.tensor(packed), ir.tensor(scales), zp])
-        bias, _ = _gemm_bias(target)
+        bias = self._folded_bias(target)
         inputs = [target.node.inputs[0], b, s, z]
         if bias is not None:
-            bias.name = _unique(self.graph, target.name + "_bias")
-            self.graph.register_initializer(bias)
             nbytes += bias.const_value.nbytes
             inputs.append(bias)
         while inputs and inputs[-1] is None:
