@@ -97,3 +97,26 @@ def test_minilm_gptq_g128_cosine(minilm_dir):
     metrics, n = compare(minilm_dir / "model.onnx", out, reader)
     assert n == 256
     assert metrics["cosine_mean"] >= 0.99
+
+
+def test_gptq_on_every_weight_of_the_opt_decoder(opt_tiny_dir):
+    """Every MatMul/Gemm of the OPT-architecture model (Gemm with transB, the tied lm_head reached
+    through a Transpose) goes through GPTQ, and the model still runs and tracks FP32."""
+    import onnx_ir as ir
+
+    from onnxfgq.api import quantize
+    from onnxfgq.config import Algorithm, QuantizeConfig, WeightConfig
+    from tests.helpers import run
+
+    model = opt_tiny_dir / "model.onnx"
+    cfg = QuantizeConfig(weights=WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration="random",
+                                              calibration_samples=16, calibration_batch_size=8))
+    res = quantize(model, cfg)
+    layers = res.report.quantized
+    assert len(layers) >= 13 and all(layer.algorithm == "gptq" for layer in layers)
+    assert all(layer.output_sqnr_db is not None for layer in layers if layer.status == "quantized")
+    ids = np.random.default_rng(0).integers(0, 256, (2, 24))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    ref = run(str(model), feed)[0]
+    out = run(ir.to_proto(res.model), feed)[0]
+    assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.9  # an untrained model: logits are all noise
