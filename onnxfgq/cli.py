@@ -43,7 +43,7 @@ def rich_progress(items: Iterable, total: int, label: str) -> Iterable:
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(label, total=total)
+        task = bar.add_task(label, total=total or None)
         for item in items:
             yield item
             bar.advance(task)
@@ -211,7 +211,9 @@ def _evaluate(reference: Path, candidate: Path, args, custom_ops: bool):
 
     reader = open_source(args.eval_data, io.load(reference), num_samples=args.eval_samples,
                          batch_size=args.batch_size, dims=_dims(args.dim), tokenizer=args.tokenizer)
-    metrics, n = compare(reference, candidate, reader, custom_ops=custom_ops)
+    total = -(-len(reader) // args.batch_size) if hasattr(reader, "__len__") else (
+        -(-args.eval_samples // args.batch_size) if args.eval_data == "random" else 0)
+    metrics, n = compare(reference, candidate, reader, custom_ops=custom_ops, progress=rich_progress, total=total)
     return Accuracy(args.eval_data, n, metrics)
 
 

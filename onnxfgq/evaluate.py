@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -62,15 +63,23 @@ class OutputAgreement:
         return m
 
 
+def _no_progress(items: Iterable, total: int, label: str) -> Iterable:
+    del total, label
+    return items
+
+
 def compare(reference: Path, candidate: Path, reader: CalibrationDataReader, *,
-            custom_ops: bool = False) -> tuple[dict[str, float], int]:
-    """Metrics of ``candidate`` against ``reference`` (first output) and the number of samples."""
+            custom_ops: bool = False, progress: Callable = _no_progress,
+            total: int = 0) -> tuple[dict[str, float], int]:
+    """Metrics of ``candidate`` against ``reference`` (first output) and the number of samples.
+
+    ``progress(items, total, label)`` wraps the batch loop (``total`` batches, 0 if unknown)."""
     ref_sess = make_session(reference)
     cand_sess = make_session(candidate, custom_ops=custom_ops)
     agreement = OutputAgreement()
     samples = 0
     last_dim = 1
-    for feed in iterate(reader):
+    for feed in progress(iterate(reader), total, "evaluating"):
         ref = ref_sess.run(None, feed)[0]
         out = cand_sess.run(None, feed)[0]
         agreement.update(ref, out)
