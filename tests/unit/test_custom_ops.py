@@ -192,6 +192,19 @@ def test_model_passes_onnx_checker(library):
     onnx.checker.check_model(model, full_check=True)
 
 
+def test_debian_index_parsing_and_cached_headers(library):
+    from onnxfgq import _build_ops
+
+    index = ("Package: libfoo\nVersion: 1\n\nPackage: libonnxruntime-dev\nVersion: 1.21.0+dfsg-1\n"
+             "Filename: pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb\nSHA256: ab\n")
+    fields = _build_ops._find_package(index, "libonnxruntime-dev")
+    assert fields["Filename"].endswith("_amd64.deb") and fields["SHA256"] == "ab"
+    with pytest.raises(_build_ops.BuildError, match="not found"):
+        _build_ops._find_package(index, "libbar")
+    # The library fixture fetched the headers: a second call is a cache hit (no network).
+    assert (_build_ops.fetch_ort_headers() / "onnxruntime_c_api.h").is_file()
+
+
 def test_output_shape_helper():
     assert ops.output_shape([2, "seq", 123], 73) == [2, "seq", 73]
     with pytest.raises(ValueError):
