@@ -6,12 +6,10 @@ of the layer's input, so that the layer's *output* error on the calibration data
   channels that never fire (``H_kk == 0``) are zeroed and left out of the update.
 - Lazy blocks: errors are applied inside a block of ``block_rows`` rows eagerly and to the rest
   of the matrix once per block (one matrix product), which is where the time goes.
-- Act-order without ``g_idx``: rows are processed most salient (largest ``H_kk``) first, but a
-  group's rows stay together (groups ordered by their total salience), so each group's qparams
-  are computed when it starts, from the weights already corrected for the groups before it, and
-  the group membership is the stored one: a plain per-group weight that MatMulNBits and
-  DequantizeLinear read as is. ``full_act_order`` gives the original GPTQ's static groups instead
-  (any row order, qparams fixed from the original weights).
+- Act-order with static groups: rows are processed most salient (largest ``H_kk``) first, while
+  each group's qparams are computed up front from the original weights in their stored order, so
+  the result is a plain per-group weight (no ``g_idx``) that MatMulNBits and DequantizeLinear read
+  as is. (``group_act_order`` is a variant that keeps groups contiguous; see ``gptq``.)
 - Any shape: groups are ``row // block`` and the last group may be short.
 """
 
@@ -96,21 +94,20 @@ def _segments(perm: np.ndarray, block: int, block_rows: int, whole_groups: bool)
 
 
 def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = True,
-         clip: bool = False, block_rows: int = 128, prepared=None, full_act_order: bool = False) -> QuantizedWeight:
+         clip: bool = False, block_rows: int = 128, prepared=None, group_act_order: bool = False) -> QuantizedWeight:
     """Quantize ``w [K, N]`` given the input Hessian ``h [K, K]`` (or its ``prepare``d form).
 
-    Group-wise weights with act-order use group-wise act-order (see ``row_order``): each group's rows
-    are processed together, so its qparams are computed when it starts, from the weights as updated
-    by the error of the groups before it (GPTQ's dynamic groups), and the group membership is the
-    stored one (plain per-group output, no ``g_idx``). Per-channel and per-tensor weights use plain
-    act-order with qparams from the original weights (static), as do group-wise weights with
-    ``full_act_order`` (the original GPTQ's static groups: any row order, qparams fixed up front).
+    Act-order uses static groups: qparams from the original weights, group membership as stored
+    (plain per-group output, no ``g_idx``). ``group_act_order`` instead keeps each group's rows
+    together (groups by total salience), which allows dynamic group qparams computed when the group
+    starts; on MiniLM it measured slightly worse (cosine 0.9875 vs 0.9896 with clip), so it is opt-in.
+    Without act-order, rows run in stored order with dynamic group qparams (the original GPTQ).
     """
     w = np.array(w, dtype=np.float32)
     k, n = w.shape
     bk, bn = spec.block_shape
     grouped = bn == 1 and bk < k
-    order = ("group" if grouped and not full_act_order else "act") if act_order else "none"
+    order = ("group" if grouped and group_act_order else "act") if act_order else "none"
     dynamic = grouped and order != "act"
     dead, perm, u = prepared if prepared is not None else prepare(h, damp=damp, order=order, block=bk)
     w[dead, :] = 0.0
@@ -171,7 +168,7 @@ class GPTQ:
         h = self.stats.hessian()
         bk, bn = spec.block_shape
         grouped = bn == 1 and bk < w.shape[0]
-        order = ("group" if grouped else "act") if self.act_order else "none"
+        order = "act" if self.act_order else "none"
         key = ("gptq", self.damp, order, bk if order == "group" else 0)
         if key not in self.stats.cache:  # q, k and v share one factorisation
             self.stats.cache[key] = prepare(h, damp=self.damp, order=order, block=bk)
