@@ -169,7 +169,9 @@ def _fake_quant(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
 
 
 def _candidate_bits(wc: WeightConfig, fmt: OutputFormat) -> tuple[int, ...]:
-    if wc.target_bits <= 0:
+    """Bit widths to choose from: with --target-bits, 4 and 8 (mixed precision), unless the
+    granularity is adaptive, where the budget is spent on block sizes at the configured width."""
+    if wc.target_bits <= 0 or wc.granularity is Granularity.ADAPTIVE:
         return (wc.bits,)
     return tuple(sorted({wc.bits, *MIXED_BITS}))
 
@@ -267,7 +269,8 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         sizes = [by_key[k].shape_kn[0] * by_key[k].shape_kn[1] for k in keys]
         picks = allocate(options, sizes, wc.target_bits)
         avg = sum(c.storage_bits for c in picks) / sum(sizes)
-        plan.notes.append(f"mixed precision under --target-bits {wc.target_bits}: {avg:.3f} bits per weight planned")
+        what = "block sizes" if wc.granularity is Granularity.ADAPTIVE else "bit widths"
+        plan.notes.append(f"{what} chosen under --target-bits {wc.target_bits}: {avg:.3f} bits per weight planned")
     elif wc.granularity is Granularity.ADAPTIVE:
         picks = [choose_under_budget(o, wc.max_error) for o in options]
     else:
@@ -277,7 +280,10 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         plan.weights[key] = WeightPlan(pick.spec, _solver(wc, st), wc.algorithm.value, st,
                                        awq_scale.get(key), awq_note.get(key, ""), pick.error)
     if "gptq" in wc.algorithm.parts and wc.gptq_sequential and wc.calibration:
-        plan.sequential = _sequential(model, wc, progress, by_key, readers)
+        if fmt is OutputFormat.CUSTOM:  # the collector's onnxruntime session has no custom ops
+            plan.notes.append("sequential GPTQ needs a stock onnxruntime op format; inputs come from the float model")
+        else:
+            plan.sequential = _sequential(model, wc, progress, by_key, readers)
     return plan
 
 

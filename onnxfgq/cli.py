@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gptq-damp", type=float, default=_W.gptq_damp, help="GPTQ dampening (fraction of mean diag H)")
     c.add_argument("--no-act-order", dest="act_order", action="store_false", default=_W.gptq_act_order,
                    help="GPTQ: process rows in their order instead of by decreasing salience")
-    c.add_argument("--no-sequential", dest="sequential", action="store_false", default=_W.gptq_sequential,
-                   help="GPTQ: take every input from the float model (one calibration pass) instead of "
-                        "re-collecting later layers' inputs from the partly quantized model")
+    c.add_argument("--sequential", dest="sequential", action="store_true", default=_W.gptq_sequential,
+                   help="GPTQ: re-collect later layers' inputs from the partly quantized model (one calibration "
+                        "pass per few layers) instead of taking every input from the float model")
     _add_data_args(q, default_samples=8)
     q.set_defaults(func=cmd_quantize)
     _add_static_args(q)

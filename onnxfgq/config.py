@@ -88,7 +88,7 @@ class WeightConfig:
     calibration_batch_size: int = 16
     gptq_damp: float = 0.01  # fraction of mean(diag H) added to the Hessian's diagonal
     gptq_act_order: bool = True  # salient rows first, static groups (plain per-group output)
-    gptq_sequential: bool = True  # re-collect each chunk's inputs from the partly quantized model
+    gptq_sequential: bool = False  # re-collect later inputs from the partly quantized model (slower)
     max_error: float = 0.01  # adaptive: per-layer relative error budget (output error with calibration)
     target_bits: float = 0.0  # > 0: per-layer bit width (and block, if adaptive) under this average
 
