@@ -13,9 +13,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxfgq import _build_ops  # noqa: E402  (stdlib-only module, importable before installation)
+def _load_build_module():
+    """onnxfgq/_build_ops.py by path: stdlib only, so the build runs before the package (and its
+    dependencies) are installed, without importing onnxfgq/__init__.py."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "onnxfgq" / "_build_ops.py"
+    spec = importlib.util.spec_from_file_location("onnxfgq_build_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build_ops = _load_build_module()
 
 
 def main(argv: list[str] | None = None) -> int:
