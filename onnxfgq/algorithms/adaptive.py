@@ -20,6 +20,7 @@ from onnxfgq.algorithms.base import QuantSpec
 
 CHANNEL = 0  # block size meaning "one block spans K"
 BLOCK_CANDIDATES = (CHANNEL, 256, 128, 64, 32, 16)
+DIVISIONS = (2, 3, 4, 6, 8, 12, 16, 24)  # K / d blocks tried where blocks need not be powers of two
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ def candidate_specs(k: int, bits: int, symmetric: bool, *, power_of_two: bool,
     """Per-channel and group layouts over ``[K, N]`` (blocks >= K collapse into per-channel)."""
     out: list[QuantSpec] = []
     seen = set()
+    if not power_of_two:  # formats without the power-of-two rule also get the even splits of K
+        blocks = tuple(blocks) + tuple(k // d for d in DIVISIONS if k % d == 0 and k // d >= 16)
+        blocks = tuple(sorted(set(blocks), key=lambda b: -(k if b == CHANNEL else b)))
     for b in blocks:
         bk = k if b == CHANNEL or b >= k else b
         if power_of_two and bk != k and (bk < 16 or bk & (bk - 1)):

@@ -32,7 +32,7 @@ def test_candidates_respect_matmulnbits_block_rules():
     blocks = [s.block_shape[0] for s in candidate_specs(100, 4, False, power_of_two=True, blocks=(0, 64, 48, 8))]
     assert blocks == [100, 64]  # per-channel, and 64; 48 and 8 are not powers of two >= 16
     blocks = [s.block_shape[0] for s in candidate_specs(100, 4, False, power_of_two=False, blocks=(0, 64, 48, 8))]
-    assert blocks == [100, 64, 48, 8]
+    assert blocks == [100, 64, 50, 48, 25, 8]  # plus the even splits of K
 
 
 def test_outlier_heavy_matrix_gets_finer_groups():
