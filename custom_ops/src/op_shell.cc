@@ -2,9 +2,9 @@
 // input validation, and the exported RegisterCustomOps entry point.
 //
 // The classic CustomOpBase API is used (not the Lite API) because input 3 (zero_points) may be
-// uint8 or A's float type: it is declared with an undefined type and checked here, while A,
-// scales, bias and Y are declared per kernel (one kernel per float type and provider). ONNX
-// Runtime merges the kernels into one schema and infers Y's type from the matching kernel.
+// uint8 or A's float type. A and Y are typed per kernel (one kernel per float type and
+// provider); B, scales, zero_points and bias are declared untyped and checked here. ONNX Runtime
+// merges the kernels into one schema and infers Y's type from the kernel matching A.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -271,10 +271,11 @@ struct MatMulBlockQuantOp : Ort::CustomOpBase<MatMulBlockQuantOp<T, kCuda>, Kern
   const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return kCuda ? "CUDAExecutionProvider" : nullptr; }
   size_t GetInputTypeCount() const { return 5; }
+  // Only A is typed: it selects the kernel (and so Y's type). The other inputs are declared
+  // untyped so that a wrong dtype reaches Validate, which names the input, instead of failing
+  // in ONNX Runtime's kernel matching with a generic message.
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-    if (i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // uint8 or T, checked in Validate
-    return T;
+    return i == 0 ? T : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;

@@ -181,6 +181,18 @@ def test_wrong_zero_point_dtype_is_a_clean_error(library):
         run(model, np.zeros((2, 40), dtype=np.float32))
 
 
+def test_wrong_scales_dtype_is_a_clean_error(library):
+    model = make_small_model(scales=np.ones((8, 3), dtype=np.float16))  # A is float
+    with pytest.raises(Exception, match=r"'scales' \(index 2\) must be float, got float16"):
+        run(model, np.zeros((2, 40), dtype=np.float32))
+
+
+def test_wrong_packed_dtype_is_a_clean_error(library):
+    model = make_small_model(packed=np.zeros((8, 20), dtype=np.int8))
+    with pytest.raises(Exception, match=r"'B' \(index 1\) must be uint8, got int8"):
+        run(model, np.zeros((2, 40), dtype=np.float32))
+
+
 def test_bad_bits_attribute_is_a_clean_error(library):
     model = make_small_model(attrs={"bits": 9})
     with pytest.raises(Exception, match=r"bits must be in 2..8"):
