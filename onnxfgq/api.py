@@ -10,8 +10,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +19,12 @@ import onnx
 import onnx_ir as ir
 
 from onnxfgq.algorithms import QuantizedWeight, QuantSpec, make_quantizer
-from onnxfgq.config import Granularity, OutputFormat, QuantizeConfig, Simplify
+from onnxfgq.calibrated import needs_plan, plan_weights, storage_bits_of
+from onnxfgq.config import OutputFormat, QuantizeConfig, Simplify
 from onnxfgq.errors import NothingToQuantizeError
 from onnxfgq.graph import io, passes
 from onnxfgq.graph.emit import make_emitter
 from onnxfgq.graph.targets import Target, find_targets, has_foldable_weights
-from onnxfgq.calibrated import needs_plan, plan_weights, storage_bits_of
 from onnxfgq.quant import sqnr_db
 from onnxfgq.report import LayerReport, Report
 
@@ -219,16 +219,6 @@ def _plain(config: QuantizeConfig) -> dict:
     return json.loads(config.to_json())
 
 
-def granularity_label(config: QuantizeConfig) -> str:
-    wc = config.weights
-    if wc.granularity is Granularity.GROUP:
-        return f"group {wc.block_size}"
-    return wc.granularity.value
-
-
-__all__ = ["QuantizeResult", "load_model", "quantize"]
-
-
 def quantize_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -261,3 +251,6 @@ def quantize_file(
 
 def _file_sizes(paths: Iterable[Path]) -> int:
     return sum(Path(p).stat().st_size for p in paths)
+
+
+__all__ = ["QuantizeResult", "load_model", "quantize", "quantize_file"]

@@ -28,7 +28,7 @@ from onnxfgq.evaluate import OutputAgreement
 from onnxfgq.graph import io, passes
 from onnxfgq.graph.fold import fold_batchnorms
 from onnxfgq.graph.qdq_static import Plan, TensorQuant, Unit, WeightQuant, insert_qdq, plan_static
-from onnxfgq.quant import QParams, qrange, quantize, sqnr_db, dequantize
+from onnxfgq.quant import QParams, dequantize, qrange, quantize, sqnr_db
 from onnxfgq.quant.static import activation_qparams, quantize_bias
 from onnxfgq.report import LayerReport, Report
 

@@ -10,8 +10,8 @@ from onnxfgq.quant.core import (
     compute_qparams,
     dequantize,
     fake_quantize,
-    quantize,
     qrange,
+    quantize,
     sqnr_db,
 )
 from onnxfgq.quant.packing import (

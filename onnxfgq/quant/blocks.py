@@ -59,7 +59,9 @@ def expand_blocks(p: np.ndarray, shape: Sequence[int], block_shape: Sequence[int
     return out
 
 
-def blockwise(x: np.ndarray, block_shape: Sequence[int], fn: Callable[..., np.ndarray], *params: np.ndarray) -> np.ndarray:
+def blockwise(
+    x: np.ndarray, block_shape: Sequence[int], fn: Callable[..., np.ndarray], *params: np.ndarray
+) -> np.ndarray:
     """``fn(x_blocks, *params_blocks)`` elementwise with per-block ``params``, without expanding them.
 
     ``x`` is viewed as ``[n0, b0, n1, b1, ...]`` (padded at the end where a block is short) and each

@@ -81,7 +81,7 @@ def test_matmulnbits_equals_numpy_dequantized_reference(tmp_path):
     result = _quantize(model, format=OutputFormat.MATMULNBITS, block_size=32)
     x = np.random.default_rng(7).standard_normal((3, 123)).astype(np.float32)
     w1 = onnx.numpy_helper.to_array(model.graph.initializer[0])
-    from onnxfgq.algorithms import QuantSpec, RTN
+    from onnxfgq.algorithms import RTN, QuantSpec
 
     deq1 = RTN().solve(w1, QuantSpec(4, (32, 1), False)).dequantize()
     w2 = onnx.numpy_helper.to_array(model.graph.initializer[1]).T
