@@ -14,6 +14,7 @@ is installed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import lzma
 import os
@@ -141,6 +142,17 @@ def build(force: bool = False, cuda: str | None = "AUTO", jobs: int | None = Non
         if shutil.which(tool) is None:
             raise BuildError(f"'{tool}' is not on PATH: install cmake and a C++17 compiler (e.g. apt-get install "
                              f"cmake g++) to build the custom-op library")
+    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
+    # Several test sessions (or CI jobs) may share one checkout: one build at a time.
+    with open(BUILD_ROOT / ".custom_ops.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _build_locked(force, cuda, jobs, verbose)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_locked(force: bool, cuda: str | None, jobs: int | None, verbose: bool) -> Path:
     include = fetch_ort_headers()
     if force:
         shutil.rmtree(CMAKE_BUILD_DIR, ignore_errors=True)
