@@ -105,8 +105,9 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         note = passes.upgrade_opset(ir_model, QDQ_OPSET)
         if note:
             report.notes.append(note)
-    if fmt is not wc.format:
-        report.notes.append(f"format {wc.format.value} resolved to {fmt.value}")
+    if fmt is OutputFormat.CUSTOM and wc.format is OutputFormat.AUTO:
+        problem = wc.matmulnbits_problem()
+        report.notes.append(f"using the custom op com.onnxfgq::MatMulBlockQuant: {problem[1] if problem else ''}")
 
     targets = list(find_targets(ir_model.graph, config.selection))
     emitter = make_emitter(ir_model, wc)
