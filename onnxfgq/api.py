@@ -107,7 +107,8 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
             report.notes.append(note)
     if fmt is OutputFormat.CUSTOM and wc.format is OutputFormat.AUTO:
         problem = wc.matmulnbits_problem()
-        report.notes.append(f"using the custom op com.onnxfgq::MatMulBlockQuant: {problem[1] if problem else ''}")
+        reason = problem[1].split(";")[0] if problem else ""
+        report.notes.append(f"using the custom op com.onnxfgq::MatMulBlockQuant ({reason})")
 
     targets = list(find_targets(ir_model.graph, config.selection))
     emitter = make_emitter(ir_model, wc)
