@@ -156,7 +156,7 @@ def _build_locked(force: bool, cuda: str | None, jobs: int | None, verbose: bool
     include = fetch_ort_headers()
     if force:
         shutil.rmtree(CMAKE_BUILD_DIR, ignore_errors=True)
-    run = dict(check=True, cwd=REPO_ROOT, capture_output=not verbose, text=True)
+    quiet = not verbose
     configure = ["cmake", "-S", str(SOURCE_DIR), "-B", str(CMAKE_BUILD_DIR), f"-DORT_INCLUDE_DIR={include}",
                  "-DCMAKE_BUILD_TYPE=Release"]
     if cuda is None and not (CMAKE_BUILD_DIR / "CMakeCache.txt").is_file():
@@ -166,7 +166,7 @@ def _build_locked(force: bool, cuda: str | None, jobs: int | None, verbose: bool
     compile_ = ["cmake", "--build", str(CMAKE_BUILD_DIR), "-j", str(jobs or os.cpu_count() or 2)]
     for cmd in (configure, compile_):
         try:
-            subprocess.run(cmd, **run)
+            subprocess.run(cmd, check=True, cwd=REPO_ROOT, capture_output=quiet, text=True)
         except subprocess.CalledProcessError as exc:
             output = ((exc.stdout or "") + (exc.stderr or ""))[-6000:]
             raise BuildError(f"command failed ({exc.returncode}): {' '.join(cmd)}\n{output}") from exc

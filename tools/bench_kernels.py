@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxfgq import ops  # noqa: E402
-from onnxfgq.quant.bitstream import pack_bitstream  # noqa: E402
+from onnxfgq import ops
+from onnxfgq.quant.bitstream import pack_bitstream
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 BITS = 4
@@ -192,12 +192,12 @@ def bench_gpu(args):
                 a = torch.randn(m, k, dtype=torch.float16, device="cuda")
                 y = torch.empty(m, n, dtype=torch.float16, device="cuda")
 
-                def ours():
+                def ours(a=a, y=y, s=s, z=z, b=b, m=m, k=k, n=n, bs=bs):
                     rc = fn(a.data_ptr(), b.data_ptr(), s.data_ptr(), z.data_ptr(), 1, None, y.data_ptr(),
                             m, k, n, BITS, bs, 10, stream)
                     assert rc == 0, rc
 
-                def cublas():
+                def cublas(a=a, w=w):
                     torch.matmul(a, w.T)
 
                 res = {}

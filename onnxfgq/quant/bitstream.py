@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["packed_row_bytes", "pack_bitstream", "unpack_bitstream"]
+__all__ = ["pack_bitstream", "packed_row_bytes", "unpack_bitstream"]
 
 _SHIFTS_CACHE: dict[int, np.ndarray] = {}
 

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 ort = pytest.importorskip("onnxruntime")
 
-from onnxfgq import ops  # noqa: E402
-from onnxfgq.quant.bitstream import pack_bitstream  # noqa: E402
+from onnxfgq import ops
+from onnxfgq.quant.bitstream import pack_bitstream
 
 NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
@@ -67,7 +67,7 @@ def make_model(a_shape, n, k, bits, block_size, dtype, packed, scales, zp, bias,
         inputs[4] = "bias"
     while inputs[-1] == "":
         inputs.pop()
-    node_attrs = dict(K=k, N=n, bits=bits, block_size=block_size)
+    node_attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size}
     node_attrs.update(attrs or {})
     node = helper.make_node(ops.OP_TYPE, inputs, ["Y"], domain=ops.DOMAIN, **node_attrs)
     leading = list(a_shape[:-1])
@@ -151,8 +151,8 @@ def make_small_model(**overrides):
     rng = np.random.default_rng(0)
     n, k, bits, bs = 8, 40, 4, 16
     codes, scales, zp = make_weights(rng, n, k, bits, bs, np.float32, "uint8")
-    args = dict(a_shape=(2, k), n=n, k=k, bits=bits, block_size=bs, dtype=np.float32,
-                packed=pack_bitstream(codes, bits), scales=scales, zp=zp, bias=None)
+    args = {"a_shape": (2, k), "n": n, "k": k, "bits": bits, "block_size": bs, "dtype": np.float32,
+            "packed": pack_bitstream(codes, bits), "scales": scales, "zp": zp, "bias": None}
     args.update(overrides)
     return make_model(**args)
 
