@@ -148,7 +148,11 @@ def collect_stats(model: ir.Model, values: Sequence[str], wc: WeightConfig,
         def sink(x: np.ndarray) -> None:
             m = current["mask"]
             if m is not None and x.ndim == 3 and x.shape[:2] == m.shape:
-                x = x[m]  # [tokens, K]: real tokens only
+                # real tokens only, and every sample weighs the same whatever its length
+                lengths = np.maximum(m.sum(1, keepdims=True), 1)
+                weights = np.broadcast_to(m.shape[1] / lengths, m.shape)[m] * (m.mean())
+                st.update(x[m], weights)
+                return
             st.update(x)
         return sink
 

@@ -46,7 +46,7 @@ def default_rows(calib: str) -> list[Row]:
         Row("int4 adaptive RTN (max-error 0.01)", {"granularity": "adaptive", "max_error": 0.01, **c}),
         Row("int4 adaptive GPTQ (max-error 0.01)", {"granularity": "adaptive", "max_error": 0.01,
                                                     "algorithm": "gptq", **c}),
-        Row("mixed 4/8 GPTQ, target 4.5 bits", {"block_size": 128, "target_bits": 4.5, "algorithm": "gptq", **c}),
+        Row("mixed 4/8 GPTQ g128, target 6 bits", {"block_size": 128, "target_bits": 6.0, "algorithm": "gptq", **c}),
     ]
 
 

@@ -14,17 +14,23 @@ class ActivationStats:
         self.rows = 0
         self.cache: dict = {}  # solver by-products that depend only on these statistics
 
-    def update(self, x: np.ndarray) -> None:
-        """Add one batch ``[..., K]`` (rows are every leading index)."""
+    def update(self, x: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Add one batch ``[..., K]`` (rows are every leading index), optionally with a weight per row."""
         x = np.asarray(x, dtype=np.float32)
         x = x.reshape(-1, x.shape[-1])
         if self.gram is None:
             k = x.shape[1]
             self.gram = np.zeros((k, k), np.float64)
             self.abs_sum = np.zeros(k, np.float64)
-        self.gram += (x.T @ x).astype(np.float64)
-        self.abs_sum += np.abs(x).sum(0, dtype=np.float64)
-        self.rows += x.shape[0]
+        if weights is None:
+            self.gram += (x.T @ x).astype(np.float64)
+            self.abs_sum += np.abs(x).sum(0, dtype=np.float64)
+            self.rows += x.shape[0]
+        else:
+            wt = np.asarray(weights, np.float32).reshape(-1, 1)
+            self.gram += ((x * wt).T @ x).astype(np.float64)
+            self.abs_sum += (np.abs(x) * wt).sum(0, dtype=np.float64)
+            self.rows += float(wt.sum())
         self.cache.clear()
 
     @property
