@@ -7,4 +7,7 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[dev]"
+# The custom-op library: CPU kernels always, the CUDA kernels too wherever nvcc is installed
+# (they compile everywhere and run only on a GPU; tests/gpu skips without one).
+python tools/build_custom_ops.py
 exec python -m pytest "$@"
