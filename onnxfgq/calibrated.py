@@ -269,6 +269,8 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         if key in awq_scale:
             w = w * awq_scale[key][:, None]
         options.append(_choices(w, wc, fmt, input_stats[key], scale_bits))
+    if wc.target_bits > 0 and wc.calibration:
+        options = _measured(model, wc, [by_key[k] for k in keys], options, awq_scale, keys, plan)
     if wc.target_bits > 0:
         sizes = [by_key[k].shape_kn[0] * by_key[k].shape_kn[1] for k in keys]
         picks = allocate(options, sizes, wc.target_bits)
@@ -289,6 +291,33 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         else:
             plan.sequential = _sequential(model, wc, progress, by_key, readers)
     return plan
+
+
+PROBE_SAMPLES = 16  # calibration samples each sensitivity probe runs on
+
+
+def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options: list[list[Choice]],
+              awq_scale: dict, keys: list[tuple], plan: Plan) -> list[list[Choice]]:
+    """The options with their errors replaced by the measured end-to-end error (see sensitivity.py)."""
+    from onnxfgq.calibration.sources import iterate, open_source
+    from onnxfgq.sensitivity import probe_errors
+
+    reader = open_source(wc.calibration, model, num_samples=PROBE_SAMPLES, batch_size=PROBE_SAMPLES)
+    feed = next(iterate(reader), None)
+    if feed is None:
+        return options
+    weights = []
+    for key, t in zip(keys, targets):
+        w = t.weight()
+        weights.append(w * awq_scale[key][:, None] if key in awq_scale else w)
+    cands = [[(lambda w, s=c.spec: _fake_quant(w, s)) for c in o] for o in options]
+    errors = probe_errors(model, targets, weights, cands, feed)
+    if errors is None:
+        plan.notes.append("sensitivity: weights are shared or computed; using per-layer output errors")
+        return options
+    plan.notes.append(f"sensitivity measured end to end on {PROBE_SAMPLES} calibration samples "
+                      f"({sum(len(o) for o in options)} probes)")
+    return [[Choice(c.spec, e, c.storage_bits) for c, e in zip(o, errs)] for o, errs in zip(options, errors)]
 
 
 SEQUENTIAL_CHUNK = 4  # input tensors per re-collection pass
