@@ -44,7 +44,7 @@ def probe_errors(model: ir.Model, targets: Sequence[Target], weights: Sequence[n
     roots = []
     for t in targets:
         root = t.chain.root
-        if t.chain.ops or root.producer() is not None or root.name not in model.graph.initializers \\
+        if t.chain.ops or root.producer() is not None or root.name not in model.graph.initializers \
                 or len(root.uses()) != 1:
             return None
         roots.append(root)
