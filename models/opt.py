@@ -29,7 +29,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from models.text import _MODULES  # noqa: E402
+from models.text import _MODULES
 
 PAD, BOS, EOS = 256, 257, 258
 VOCAB = 260  # 256 bytes + pad, bos, eos, one spare (keeps the embedding rows even)

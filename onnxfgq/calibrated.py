@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxfgq.algorithms.adaptive import BLOCK_CANDIDATES, Choice, candidate_specs, choose_under_budget, storage_bits
+from onnxfgq.algorithms.adaptive import (
+    BLOCK_CANDIDATES,
+    Choice,
+    candidate_specs,
+    choose_under_budget,
+    storage_bits,
+)
 from onnxfgq.algorithms.awq import search_scale
 from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
 from onnxfgq.algorithms.clip import ClipSearch

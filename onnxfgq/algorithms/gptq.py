@@ -199,12 +199,10 @@ class GPTQ:
 
     def solve(self, w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         h = self.stats.hessian()
-        bk, bn = spec.block_shape
-        grouped = bn == 1 and bk < w.shape[0]
         order = "act" if self.act_order else "none"
-        key = ("gptq", self.damp, order, bk if order == "group" else 0)
+        key = ("gptq", self.damp, order)
         if key not in self.stats.cache:  # q, k and v share one factorisation
-            self.stats.cache[key] = prepare(h, damp=self.damp, order=order, block=bk)
+            self.stats.cache[key] = prepare(h, damp=self.damp, order=order)
         q = gptq(w, h, spec, damp=self.damp, act_order=self.act_order, clip=self.clip,
                  prepared=self.stats.cache[key])
         if not self.refit:

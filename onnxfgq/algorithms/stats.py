@@ -46,7 +46,7 @@ class ActivationStats:
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.rows, 1)
 
-    def scaled(self, s: np.ndarray) -> "ActivationStats":
+    def scaled(self, s: np.ndarray) -> ActivationStats:
         """Statistics of ``x / s`` (after an AWQ scale ``s`` was folded into the producer)."""
         out = ActivationStats()
         inv = 1.0 / np.asarray(s, np.float64)
