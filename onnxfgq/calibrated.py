@@ -229,7 +229,7 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
     if wc.calibration:
         names = list(dict.fromkeys(v.name for v in inputs.values()))
         stats, batches = collect_stats(model, names, wc, progress)
-        rows = max((s.rows for s in stats.values()), default=0)
+        rows = int(round(max((s.rows for s in stats.values()), default=0)))
         plan.calibration_rows = rows
         plan.notes.append(f"calibrated on {wc.calibration} ({batches} batches, {rows} token rows per input)")
 

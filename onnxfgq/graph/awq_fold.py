@@ -52,8 +52,9 @@ def apply_input_scale(graph: ir.Graph, value: ir.Value, consumers: Sequence[ir.N
     """Make ``consumers`` read ``value / scale`` (``scale`` over the last axis); returns what was done."""
     inv = (1.0 / np.asarray(scale, np.float64)).astype(_float_dtype(value))
     consumer_set = {id(n) for n in consumers}
-    only_ours = all(id(use.node) in consumer_set for use in value.uses()) and not any(
-        value is out for out in graph.outputs)
+    # Shape (and Size) readers see the same shape in x / s: they do not stop a fold.
+    only_ours = all(id(use.node) in consumer_set or use.node.op_type in ("Shape", "Size")
+                    for use in value.uses()) and not any(value is out for out in graph.outputs)
     if only_ours:
         note = _fold_into_layernorm(value, inv)
         if note:

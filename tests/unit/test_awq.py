@@ -18,8 +18,8 @@ from onnxfgq.graph.targets import find_targets
 from tests.helpers import run
 
 
-def ln_block(residual: bool, seed: int = 0) -> onnx.ModelProto:
-    """x -> LayerNorm -> q, k MatMuls (-> sum); with ``residual`` the LN output also feeds an Add."""
+def ln_block(extra: str, seed: int = 0) -> onnx.ModelProto:
+    """x -> LayerNorm -> q, k MatMuls (-> sum); the LN output may also feed a residual Add or a Shape."""
     rng = np.random.default_rng(seed)
     d, n = 48, 32
     inits = [numpy_helper.from_array(rng.uniform(0.5, 2, d).astype(np.float32), "gamma"),
@@ -31,17 +31,21 @@ def ln_block(residual: bool, seed: int = 0) -> onnx.ModelProto:
              helper.make_node("MatMul", ["h", "wk"], ["k"], name="k"),
              helper.make_node("Add", ["q", "k"], ["y"], name="sum")]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])]
-    if residual:
+    if extra == "residual":
         nodes.append(helper.make_node("Add", ["h", "x"], ["r"], name="residual"))
         outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["b", "s", d]))
+    elif extra == "shape":  # shape readers (reshape dims in exported attention) do not block a fold
+        nodes.append(helper.make_node("Shape", ["h"], ["hs"], name="shape"))
+        outputs.append(helper.make_tensor_value_info("hs", TensorProto.INT64, [3]))
     graph = helper.make_graph(nodes, "ln_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", d])],
                               outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_fold_keeps_float_outputs(residual):
-    proto = ln_block(residual)
+@pytest.mark.parametrize("extra", ["", "residual", "shape"])
+def test_fold_keeps_float_outputs(extra):
+    residual = extra == "residual"
+    proto = ln_block(extra)
     x = np.random.default_rng(1).standard_normal((2, 5, 48)).astype(np.float32) * 3
     before = run(proto, {"x": x})
     model = ir.from_proto(proto)
