@@ -226,13 +226,6 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
     mm = [t for t in targets if t.kind == "matmul"]
     inputs = {weight_key(t): t.node.inputs[0] for t in mm}
     stats: dict[str, ActivationStats] = {}
-    if wc.calibration:
-        names = list(dict.fromkeys(v.name for v in inputs.values()))
-        stats, batches = collect_stats(model, names, wc, progress)
-        rows = int(round(max((s.rows for s in stats.values()), default=0)))
-        plan.calibration_rows = rows
-        plan.notes.append(f"calibrated on {wc.calibration} ({batches} batches, {rows} token rows per input)")
-
     # Distinct weights, each with the one input tensor it reads (a weight read by two different
     # tensors gets no AWQ scale: one scale cannot suit both).
     by_key: dict[tuple, Target] = {}
@@ -240,6 +233,23 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
     for t in mm:
         by_key.setdefault(weight_key(t), t)
         readers.setdefault(weight_key(t), set()).add(t.node.inputs[0].name)
+
+    bounded = None
+    if wc.calibration:
+        names = list(dict.fromkeys(v.name for v in inputs.values()))
+        kdim = {t.node.inputs[0].name: t.shape_kn[0] for t in mm}
+        need = sum(8 * kdim[n] ** 2 for n in names)
+        upfront = "awq" in wc.algorithm.parts or wc.granularity is Granularity.ADAPTIVE or wc.target_bits > 0
+        if need > GRAM_BUDGET_BYTES and not upfront and fmt is not OutputFormat.CUSTOM:
+            # Too many statistics to hold at once: collect them a chunk of tensors at a time, just
+            # before the weights that read them are solved (from the model as quantized so far).
+            bounded = _chunked(model, by_key, readers, max_bytes=GRAM_BUDGET_BYTES, kdim=kdim)
+            names = bounded.chunks[0]
+            plan.notes.append(f"statistics of {need / 2**30:.1f} GiB: collected in {len(bounded.chunks)} passes")
+        stats, batches = collect_stats(model, names, wc, progress)
+        rows = round(max((s.rows for s in stats.values()), default=0))
+        plan.calibration_rows = rows
+        plan.notes.append(f"calibrated on {wc.calibration} ({batches} batches, {rows} token rows per input)")
 
     awq_scale: dict[tuple, np.ndarray] = {}
     awq_note: dict[tuple, str] = {}
@@ -291,7 +301,10 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         st = input_stats[key]
         plan.weights[key] = WeightPlan(pick.spec, _solver(wc, st), wc.algorithm.value, st,
                                        awq_scale.get(key), awq_note.get(key, ""), pick.error)
-    if "gptq" in wc.algorithm.parts and wc.gptq_sequential and wc.calibration:
+    if bounded is not None:
+        bounded.model, bounded.wc, bounded.progress = model, wc, progress
+        plan.sequential = bounded
+    elif "gptq" in wc.algorithm.parts and wc.gptq_sequential and wc.calibration:
         if fmt is OutputFormat.CUSTOM:  # the collector's onnxruntime session has no custom ops
             plan.notes.append("sequential GPTQ needs a stock onnxruntime op format; inputs come from the float model")
         else:
@@ -327,23 +340,47 @@ def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options:
 
 
 SEQUENTIAL_CHUNK = 4  # input tensors per re-collection pass
+GRAM_BUDGET_BYTES = 1 << 30  # statistics held at once before collection goes chunk by chunk
+
+
+def _chunked(model: ir.Model, by_key: dict[tuple, Target], readers: dict[tuple, set[str]], *,
+             max_tensors: int = 0, max_bytes: int = 0, kdim: dict[str, int] | None = None) -> Sequential:
+    """The input tensors (as the nodes read them now, after any AWQ edit) in graph order, in chunks of
+    ``max_tensors`` tensors or ``max_bytes`` of statistics. Tensors of weights read by several tensors
+    go in the first chunk (they are collected up front, from the float model)."""
+    tensors: dict[str, list[tuple]] = {}
+    first: list[str] = []
+    for key, t in by_key.items():
+        if len(readers[key]) == 1:
+            tensors.setdefault(t.node.inputs[0].name, []).append(key)
+        else:
+            first += sorted(readers[key])
+    order = {node.outputs[0].name: i for i, node in enumerate(model.graph) if node.outputs}
+    names = sorted(tensors, key=lambda n: order.get(n, -1))
+    chunks: list[list[str]] = [list(dict.fromkeys(first))]
+    size = sum(8 * (kdim or {}).get(n, 0) ** 2 for n in chunks[0])
+    for name in names:
+        cost = 8 * (kdim or {}).get(name, 0) ** 2
+        full = (max_tensors and len(chunks[-1]) >= max_tensors) or (max_bytes and chunks[-1] and size + cost > max_bytes)
+        if full:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += cost
+    chunks = [c for c in chunks if c]
+    seq = Sequential(model, None, None, chunks, tensors)  # the caller sets wc and progress
+    seq.done.update(chunks[0])
+    return seq
 
 
 def _sequential(model: ir.Model, wc: WeightConfig, progress: Progress, by_key: dict[tuple, Target],
                 readers: dict[tuple, set[str]]) -> Sequential | None:
-    """Chunks of the input tensors (as the nodes read them now, after any AWQ edit) in graph order;
-    the first chunk keeps the statistics already collected (nothing before it is quantized)."""
-    tensors: dict[str, list[tuple]] = {}
-    for key, t in by_key.items():
-        if len(readers[key]) == 1:  # a weight read by two tensors keeps its merged float statistics
-            tensors.setdefault(t.node.inputs[0].name, []).append(key)
-    order = {node.outputs[0].name: i for i, node in enumerate(model.graph) if node.outputs}
-    names = sorted(tensors, key=lambda n: order.get(n, -1))
-    chunks = [names[i:i + SEQUENTIAL_CHUNK] for i in range(0, len(names), SEQUENTIAL_CHUNK)]
-    if len(chunks) < 2:
+    """GPTQ's sequential mode: chunks of SEQUENTIAL_CHUNK tensors; the first chunk keeps the
+    statistics already collected (nothing before it is quantized)."""
+    seq = _chunked(model, by_key, readers, max_tensors=SEQUENTIAL_CHUNK)
+    if len(seq.chunks) < 2:
         return None
-    seq = Sequential(model, wc, progress, chunks, tensors)
-    seq.done.update(chunks[0])
+    seq.wc, seq.progress = wc, progress
     return seq
 
 

@@ -122,3 +122,20 @@ def test_gptq_on_every_weight_of_the_opt_decoder(opt_tiny_dir):
     ref = run(str(model), feed)[0]
     out = run(ir.to_proto(res.model), feed)[0]
     assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.9  # an untrained model: logits are all noise
+
+
+def test_bounded_memory_collects_chunk_by_chunk(opt_tiny_dir, monkeypatch):
+    """When the statistics of every input would not fit the budget, they are collected a chunk at a
+    time right before use; every weight still gets its own Hessian."""
+    from onnxfgq import calibrated
+    from onnxfgq.api import quantize
+    from onnxfgq.config import Algorithm, QuantizeConfig, WeightConfig
+
+    monkeypatch.setattr(calibrated, "GRAM_BUDGET_BYTES", 8 * 64 * 64 * 2)  # two 64-wide inputs
+    cfg = QuantizeConfig(weights=WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration="random",
+                                              calibration_samples=8, calibration_batch_size=8))
+    res = quantize(opt_tiny_dir / "model.onnx", cfg)
+    note = next(n for n in res.report.notes if "collected in" in n)
+    assert int(note.split("collected in ")[1].split()[0]) >= 4
+    quantized = [layer for layer in res.report.layers if layer.status == "quantized"]
+    assert len(quantized) >= 13 and all(layer.output_sqnr_db is not None for layer in quantized)
