@@ -63,9 +63,10 @@ def test_readme_one_node_by_hand(minilm_dir, tmp_path):
     from onnxfgq.graph.targets import find_targets
 
     model = io.load(minilm_dir / "model.onnx")
-    targets = [t for t in find_targets(model.graph, Selection()) if t.skip_reason is None]
-    target = targets[0]
+    target = next(t for t in find_targets(model.graph, Selection())
+                  if t.name == "/bert/encoder/layer.0/attention/self/query/MatMul")
     w = target.weight()
+    assert w.shape == (384, 384)
     qw = RTN().solve(w, QuantSpec(bits=4, block_shape=(32, 1), symmetric=False))
     MatMulNBitsEmitter(model, WeightConfig(block_size=32)).emit(target, qw)
     out = tmp_path / "one.onnx"
