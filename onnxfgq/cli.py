@@ -219,7 +219,6 @@ def _evaluate(reference: Path, candidate: Path, args, custom_ops: bool):
 
 def cmd_quantize(args) -> int:
     from onnxfgq.api import quantize_file
-    from onnxfgq.report import render
 
     config = config_from_args(args)
     if config.activations is not None:
@@ -228,9 +227,15 @@ def cmd_quantize(args) -> int:
     out = args.output or _default_output(args.model, config)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     report = quantize_file(args.model, out, config, progress=rich_progress, external=external)
+    return _finish(args, report, out, custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
+
+
+def _finish(args, report, out: Path, *, custom_ops: bool) -> int:
+    """Accuracy against FP32 (unless --no-eval), the printed report, and --report JSON."""
+    from onnxfgq.report import render
+
     if not args.no_eval:
-        custom = config.weights.resolved_format() is OutputFormat.CUSTOM
-        report.accuracy = _evaluate(args.model, out, args, custom)
+        report.accuracy = _evaluate(args.model, out, args, custom_ops)
     console = _console()
     render(report, console)
     console.print(f"wrote {out}")
@@ -327,7 +332,6 @@ def activation_config_from_args(args: argparse.Namespace) -> ActivationConfig:
 
 
 def _cmd_quantize_static(args, config: QuantizeConfig) -> int:
-    from onnxfgq.report import render
     from onnxfgq.static import quantize_static_file
 
     _dims(args.dim)
@@ -335,14 +339,7 @@ def _cmd_quantize_static(args, config: QuantizeConfig) -> int:
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     report = quantize_static_file(args.model, out, config, progress=rich_progress, external=external,
                                   tokenizer=args.tokenizer, dims=_dims(args.dim))
-    if not args.no_eval:
-        report.accuracy = _evaluate(args.model, out, args, False)
-    console = _console()
-    render(report, console)
-    console.print(f"wrote {out}")
-    if args.report:
-        args.report.write_text(report.to_json())
-    return 0
+    return _finish(args, report, out, custom_ops=False)
 
 
 def cmd_calibrate(args) -> int:
