@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
-import inspect
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +26,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from models.text import _MODULES
+from models.text import _MODULES, docstrings  # noqa: E402
 
 PAD, BOS, EOS = 256, 257, 258
 VOCAB = 260  # 256 bytes + pad, bos, eos, one spare (keeps the embedding rows even)
@@ -65,28 +62,12 @@ def paragraphs() -> tuple[str, ...]:
     in a fixed order."""
     seen: set[str] = set()
     out: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in _MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            objs = [module]
-            for _, obj in sorted(vars(module).items()):
-                if getattr(obj, "__module__", None) != module.__name__:
-                    continue
-                if inspect.isclass(obj):
-                    objs.append(obj)
-                    objs += [m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)]
-                elif inspect.isfunction(obj):
-                    objs.append(obj)
-            for obj in objs:
-                for para in (inspect.getdoc(obj) or "").split("\n\n"):
-                    text = " ".join(para.split())
-                    if len(text.split()) >= 5 and text.isascii() and text not in seen:
-                        seen.add(text)
-                        out.append(text)
+    for doc in docstrings(_MODULES, methods=True):
+        for para in doc.split("\n\n"):
+            text = " ".join(para.split())
+            if len(text.split()) >= 5 and text.isascii() and text not in seen:
+                seen.add(text)
+                out.append(text)
     return tuple(out)
 
 

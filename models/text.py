@@ -12,6 +12,7 @@ import importlib
 import inspect
 import re
 import warnings
+from collections.abc import Iterator
 from functools import lru_cache
 
 # Modules with plenty of prose docstrings, importable everywhere CPython is.
@@ -30,35 +31,42 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _WORD = re.compile(r"^[A-Za-z][A-Za-z ,;:'()\-]+[.!?]$")
 
 
-def _docstrings(module) -> list[str]:
-    docs = [inspect.getdoc(module) or ""]
-    for _, obj in sorted(vars(module).items()):
-        if getattr(obj, "__module__", None) == module.__name__ and (
-            inspect.isclass(obj) or inspect.isfunction(obj)
-        ):
-            docs.append(inspect.getdoc(obj) or "")
-    return docs
+def docstrings(module_names, *, methods: bool = False) -> Iterator[str]:
+    """Docstrings of each module, then of its own classes and functions (sorted by name), and of the
+    classes' methods with ``methods=True``; modules that fail to import are skipped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in module_names:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            objs = [module]
+            for _, obj in sorted(vars(module).items()):
+                if getattr(obj, "__module__", None) != module.__name__:
+                    continue
+                if inspect.isclass(obj):
+                    objs.append(obj)
+                    if methods:
+                        objs += [m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)]
+                elif inspect.isfunction(obj):
+                    objs.append(obj)
+            for obj in objs:
+                yield inspect.getdoc(obj) or ""
 
 
 @lru_cache(maxsize=1)
 def all_sentences() -> tuple[str, ...]:
     seen: set[str] = set()
     out: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in _MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            for doc in _docstrings(module):
-                for para in doc.split("\n\n"):
-                    text = " ".join(para.split())
-                    for s in _SENTENCE.split(text):
-                        words = s.split()
-                        if 6 <= len(words) <= 40 and _WORD.match(s) and s not in seen:
-                            seen.add(s)
-                            out.append(s)
+    for doc in docstrings(_MODULES):
+        for para in doc.split("\n\n"):
+            text = " ".join(para.split())
+            for s in _SENTENCE.split(text):
+                words = s.split()
+                if 6 <= len(words) <= 40 and _WORD.match(s) and s not in seen:
+                    seen.add(s)
+                    out.append(s)
     return tuple(out)
 
 
