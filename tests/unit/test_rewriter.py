@@ -166,3 +166,35 @@ def test_config_json_round_trip():
     config = QuantizeConfig(weights=WeightConfig(bits=8, granularity=Granularity.CHANNEL, symmetric=True),
                             selection=Selection(exclude=("head",), min_elements=7), simplify=Simplify.NEVER)
     assert QuantizeConfig.from_json(config.to_json()) == config
+
+
+def _fp16_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = 256, 128
+    inits = [numpy_helper.from_array((rng.standard_normal((k, n)) / 16).astype(np.float16), "w"),
+             numpy_helper.from_array((rng.standard_normal((n, n)) / 16).astype(np.float16), "w2"),
+             numpy_helper.from_array((rng.standard_normal(n) / 10).astype(np.float16), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Gemm", ["h", "w2", "b"], ["y"], name="gemm", transB=1)]
+    graph = helper.make_graph(nodes, "fp16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("fmt", [OutputFormat.MATMULNBITS, OutputFormat.QDQ, OutputFormat.CUSTOM])
+def test_fp16_model_keeps_fp16(tmp_path, fmt, request):
+    """fp16 weights get fp16 scales: the output stays fp16 and tracks the float model."""
+    custom = fmt is OutputFormat.CUSTOM
+    if custom:
+        request.getfixturevalue("ops_library")
+    model = _fp16_model()
+    x = np.random.default_rng(1).standard_normal((3, 256)).astype(np.float16)
+    ref = run(model, {"x": x})[0]
+    result = _quantize(model, format=fmt, block_size=32)
+    path = tmp_path / "q.onnx"
+    io.save(result.model, path, validate=lambda p: io.check(p, custom_ops=custom))
+    got = run(path, {"x": x}, custom_ops=custom)[0]
+    assert got.dtype == np.float16
+    assert cosine(ref.astype(np.float32), got.astype(np.float32)) > 0.98
