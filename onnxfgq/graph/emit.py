@@ -41,6 +41,16 @@ def _float_dtype(target: Target) -> np.dtype:
     return np.dtype(np.float16) if dt == ir.DataType.FLOAT16 else np.dtype(np.float32)
 
 
+def column_qparams(target: Target, qw: QuantizedWeight, block_k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales ``[N, ceil(K/block_k)]`` in the activations' float type, and the integer zero points of
+    the same shape (None when symmetric): the per-column layout MatMulNBits and our op share."""
+    k, n = target.shape_kn
+    scales = resample_blocks(qw.qparams.scale, qw.qparams, (k, n), 0, block_k).astype(_float_dtype(target))
+    if qw.symmetric:
+        return scales, None
+    return scales, resample_blocks(qw.qparams.zero_point, qw.qparams, (k, n), 0, block_k)
+
+
 def _digest(*arrays: np.ndarray) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for a in arrays:
@@ -179,13 +189,9 @@ class MatMulNBitsEmitter(Emitter):
             return self._emit_gather(target, qw)
         k, n = target.shape_kn
         bits, bk = qw.bits, self.weight_block_k(k, qw)
-        dtype = _float_dtype(target)
         key = target.chain.key + (target.transposed,)
-        zp = None
-        if not qw.symmetric:
-            zp_nb = resample_blocks(qw.qparams.zero_point, qw.qparams, (k, n), 0, bk)
-            zp = ir.tensor(pack_matmulnbits_zero_points(zp_nb, bits))
-        scales = resample_blocks(qw.qparams.scale, qw.qparams, (k, n), 0, bk).astype(dtype)
+        scales, zp_nb = column_qparams(target, qw, bk)
+        zp = None if zp_nb is None else ir.tensor(pack_matmulnbits_zero_points(zp_nb, bits))
         tied = self._tied_table(target, qw)
         if tied is not None and tied[3] == bk and k % bk == 0:  # same bytes: view the table as B
             data, s, z, _ = tied

@@ -14,10 +14,9 @@ import onnx_ir as ir
 from onnxfgq import ops
 from onnxfgq.algorithms import QuantizedWeight
 from onnxfgq.config import Granularity, OutputFormat
-from onnxfgq.graph.emit import MatMulNBitsEmitter, _float_dtype, _replace_node
+from onnxfgq.graph.emit import MatMulNBitsEmitter, _replace_node, column_qparams
 from onnxfgq.graph.targets import Target
 from onnxfgq.quant.bitstream import pack_bitstream
-from onnxfgq.quant.layouts import resample_blocks
 
 
 class CustomOpEmitter(MatMulNBitsEmitter):
@@ -39,11 +38,8 @@ class CustomOpEmitter(MatMulNBitsEmitter):
             return self._emit_gather(target, qw)
         k, n = target.shape_kn
         bits, bk = qw.bits, self.weight_block_k(k, qw)
-        dtype = _float_dtype(target)
-        zp = None
-        if not qw.symmetric:
-            zp = ir.tensor(resample_blocks(qw.qparams.zero_point, qw.qparams, (k, n), 0, bk).astype(np.uint8))
-        scales = resample_blocks(qw.qparams.scale, qw.qparams, (k, n), 0, bk).astype(dtype)
+        scales, zp_nb = column_qparams(target, qw, bk)
+        zp = None if zp_nb is None else ir.tensor(zp_nb.astype(np.uint8))
         packed = pack_bitstream(np.ascontiguousarray(qw.codes.T), bits)
         key = target.chain.key + (target.transposed,)
         (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
