@@ -70,14 +70,24 @@ def _add_data_args(p: argparse.ArgumentParser, default_samples: int) -> None:
                    help="value of a symbolic input dimension for random inputs (repeatable)")
 
 
+def _add_lm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("causal language models")
+    g.add_argument("--perplexity", metavar="text:FILE",
+                   help="evaluate as a causal LM instead of comparing outputs: perplexity over windows of FILE "
+                        "and next-token top-1 agreement with the float model")
+    g.add_argument("--lm-window", type=int, default=128, metavar="TOKENS", help="tokens per window (128)")
+    g.add_argument("--lm-max-windows", type=int, default=64, metavar="N", help="windows evaluated, 0 = all (64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="onnxfgq", description="Fine-grained post-training quantization of ONNX models.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize the weights of MatMul/Gemm (and more) nodes")
-    q.add_argument("model", type=Path)
-    q.add_argument("-o", "--output", type=Path, help="output path (default: MODEL.<bits>bit.onnx beside it)")
+    q.add_argument("model", type=Path, help="an .onnx file, or an export folder (genai_config.json / config.json)")
+    q.add_argument("-o", "--output", type=Path,
+                   help="output path (default: MODEL.<bits>bit.onnx beside it; a folder in: FOLDER.<bits>bit)")
     q.add_argument("--bits", type=int, default=_W.bits)
     q.add_argument("--block-size", type=int, default=_W.block_size,
                    help=f"group size along the reduction axis (default {_W.block_size}); 0 means per-channel")
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: re-collect later layers' inputs from the partly quantized model (one calibration "
                         "pass per few layers) instead of taking every input from the float model")
     _add_data_args(q, default_samples=8)
+    _add_lm_args(q)
     q.set_defaults(func=cmd_quantize)
     _add_static_args(q)
 
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("reference", type=Path)
     e.add_argument("candidate", type=Path)
     _add_data_args(e, default_samples=32)
+    _add_lm_args(e)
     e.set_defaults(func=cmd_eval)
     _add_calibrate_parser(sub)
     return ap
@@ -224,10 +236,26 @@ def cmd_quantize(args) -> int:
     if config.activations is not None:
         return _cmd_quantize_static(args, config)
     _dims(args.dim)  # validate before the long part
-    out = args.output or _default_output(args.model, config)
+    _check_lm_args(args)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
+    if args.model.is_dir():
+        return _quantize_folder(args, config, external)
+    out = args.output or _default_output(args.model, config)
     report = quantize_file(args.model, out, config, progress=rich_progress, external=external)
     return _finish(args, report, out, custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
+
+
+def _quantize_folder(args, config: QuantizeConfig, external: bool | None) -> int:
+    """Folder mode (see onnxfgq.folders): the report and evaluation then use the model files."""
+    from onnxfgq import folders
+
+    folder = folders.open_folder(args.model)
+    out = args.output or folders.default_output(args.model, config.weights.bits)
+    folders.check_output_folder(folder, out)
+    report = folders.quantize_folder(folder.root, out, config, progress=rich_progress, external=external)
+    args.model, args.tokenizer = folder.model, args.tokenizer or folder.tokenizer
+    return _finish(args, report, Path(report.output_path),
+                   custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
 
 
 def _finish(args, report, out: Path, *, custom_ops: bool) -> int:
@@ -235,7 +263,8 @@ def _finish(args, report, out: Path, *, custom_ops: bool) -> int:
     from onnxfgq.report import render
 
     if not args.no_eval:
-        report.accuracy = _evaluate(args.model, out, args, custom_ops)
+        evaluate = _evaluate_lm if getattr(args, "perplexity", None) else _evaluate
+        report.accuracy = evaluate(args.model, out, args, custom_ops)
     console = _console()
     render(report, console)
     console.print(f"wrote {out}")
@@ -267,8 +296,54 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _evaluate_lm(reference: Path, candidate: Path, args, custom_ops: bool):
+    """--perplexity text:FILE: perplexity of both models and the candidate's next-token agreement."""
+    from onnxfgq import lm_eval
+    from onnxfgq.report import Accuracy
+
+    text = _check_lm_args(args)
+    tokenizer = args.tokenizer or _tokenizer_beside(reference)
+    windows = lm_eval.text_windows(text, tokenizer, args.lm_window, args.lm_max_windows)
+    result = lm_eval.evaluate({"reference": reference, "candidate": candidate}, windows,
+                              batch_size=args.batch_size, custom_ops=custom_ops, progress=rich_progress)
+    return Accuracy(f"{args.perplexity} ({result.windows} windows of {result.length} tokens)",
+                    result.windows, result.metrics())
+
+
+def _check_lm_args(args) -> Path | None:
+    """The --perplexity text file, checked before any long work (None without --perplexity)."""
+    from onnxfgq import lm_eval
+
+    if not getattr(args, "perplexity", None):
+        return None
+    if args.lm_window < 2:
+        raise ConfigError("--lm-window", f"a window needs at least 2 tokens, got {args.lm_window}")
+    if args.lm_max_windows < 0:
+        raise ConfigError("--lm-max-windows", f"must be >= 0 (0 = all), got {args.lm_max_windows}")
+    text = lm_eval.parse_spec(args.perplexity)
+    if not text.is_file():
+        raise lm_eval.LMEvalError(f"--perplexity: {text}: no such text file")
+    return text
+
+
+def _tokenizer_beside(model: Path) -> Path | None:
+    folder = Path(model).parent
+    return folder if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file() else None
+
+
+def _model_file(path: Path) -> Path:
+    """An export folder stands for the model file its client loads."""
+    if Path(path).is_dir():
+        from onnxfgq import folders
+
+        return folders.open_folder(path).model
+    return path
+
+
 def cmd_eval(args) -> int:
-    acc = _evaluate(args.reference, args.candidate, args, custom_ops=_uses_custom_ops(args.candidate))
+    args.reference, args.candidate = _model_file(args.reference), _model_file(args.candidate)
+    custom = _uses_custom_ops(args.candidate)
+    acc = (_evaluate_lm if args.perplexity else _evaluate)(args.reference, args.candidate, args, custom)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in acc.metrics.items())
     _console().print(f"{args.candidate} vs {args.reference} on {acc.samples} samples of {acc.data}: {metrics}")
     return 0
