@@ -5,6 +5,7 @@ Data flows one way: targets (graph) -> weights (algorithms on quant/) -> nodes (
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import Counter, deque
@@ -24,6 +25,7 @@ from onnxfgq.config import OutputFormat, QuantizeConfig, Simplify
 from onnxfgq.errors import NothingToQuantizeError
 from onnxfgq.graph import io, passes
 from onnxfgq.graph.emit import make_emitter
+from onnxfgq.graph.roles import apply_lm_head
 from onnxfgq.graph.targets import Target, find_targets, has_foldable_weights
 from onnxfgq.quant import sqnr_db
 from onnxfgq.report import LayerReport, Report
@@ -111,6 +113,8 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         report.notes.append(f"using the custom op com.onnxfgq::MatMulBlockQuant ({reason})")
 
     targets = list(find_targets(ir_model.graph, config.selection))
+    roles = apply_lm_head(ir_model.graph, targets, config.selection)  # --lm-head: float or 8 bits
+    report.notes.extend(roles.notes)
     emitter = make_emitter(ir_model, wc)
     for t in targets:
         if t.skip_reason is None:
@@ -129,6 +133,10 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     if needs_plan(wc):  # calibration, AWQ graph edits, per-weight layouts and solvers
         plan = plan_weights(ir_model, todo, wc, fmt, progress)
         report.notes.extend(plan.notes)
+        for t in todo:
+            if id(t.node) in roles.bits and plan.covers(t):
+                p = plan.weights[_key(t)]
+                p.spec = dataclasses.replace(p.spec, bits=roles.bits_for(t, wc.bits))
 
     # A shared weight is solved once; its codes are dropped after its last user (bounded memory).
     solved: dict[tuple, QuantizedWeight | None] = {}
@@ -141,7 +149,8 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     def rtn(t: Target) -> tuple[QuantizedWeight, float]:
         w = t.weight()
         red, chan = t.quant_axes
-        qw = make_quantizer(wc.algorithm).solve(w, QuantSpec(wc.bits, wc.block_shape(w.shape, red, chan),
+        bits = roles.bits_for(t, wc.bits)
+        qw = make_quantizer(wc.algorithm).solve(w, QuantSpec(bits, wc.block_shape(w.shape, red, chan),
                                                               wc.symmetric))
         return qw, sqnr_db(w, qw.dequantize())
 
@@ -230,7 +239,14 @@ def quantize_file(
     external: bool | None = None,
 ) -> Report:
     """Quantize a model file into ``output_path``: written atomically, checked with onnx.checker and
-    loaded in onnxruntime before it appears; the input file is never touched."""
+    loaded in onnxruntime before it appears; the input file is never touched.
+
+    An export folder (genai_config.json / config.json beside the model) is quantized into the folder
+    ``output_path`` that its client runs as is (see ``onnxfgq.folders``)."""
+    if Path(input_path).is_dir():
+        from onnxfgq.folders import quantize_folder
+
+        return quantize_folder(Path(input_path), Path(output_path), config, progress=progress, external=external)
     input_path, output_path = Path(input_path), Path(output_path)
     source = io.load(input_path)
     input_files = [input_path, *io.external_inputs(source)]

@@ -12,6 +12,7 @@ from onnxfgq.config import (
     Algorithm,
     ConfigError,
     Granularity,
+    LMHead,
     OutputFormat,
     QuantizeConfig,
     Selection,
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--min-elements", type=int, default=_S.min_elements, help="weights smaller than this stay float")
     q.add_argument("--quantize-embeddings", action="store_true", default=_S.quantize_embeddings,
                    help="also quantize Gather tables (GatherBlockQuantized / DequantizeLinear)")
+    q.add_argument("--lm-head", choices=[m.value for m in LMHead], default=_S.lm_head.value,
+                   help="a language model's output projection (found by role, whatever its name): quantized "
+                        f"like the rest (same), at 8 bits (8) or left in float (float); default {_S.lm_head.value}")
     q.add_argument("--simplify", choices=[v.value for v in Simplify], default=QuantizeConfig().simplify.value,
                    help="onnxsim first: auto runs it only when a weight is computed from constants")
     q.add_argument("--external-data", choices=["auto", "always", "never"], default="auto")
@@ -164,7 +168,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
     if not op_types:
         raise ConfigError("--op-types", "needs at least one op type")
     selection = Selection(op_types=op_types, include=tuple(args.include), exclude=tuple(args.exclude),
-                          min_elements=args.min_elements, quantize_embeddings=args.quantize_embeddings)
+                          min_elements=args.min_elements, quantize_embeddings=args.quantize_embeddings,
+                          lm_head=LMHead(args.lm_head))
     _check_regexes(selection)
     config = QuantizeConfig(weights=weights, selection=selection, simplify=Simplify(args.simplify))
     if getattr(args, "activations", None):

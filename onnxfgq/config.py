@@ -153,6 +153,14 @@ class WeightConfig:
         return OutputFormat.CUSTOM if self.matmulnbits_problem() else OutputFormat.MATMULNBITS
 
 
+class LMHead(str, Enum):
+    """What happens to a language model's output projection (found by role, see graph/roles.py)."""
+
+    SAME = "same"  # quantized like every other weight
+    INT8 = "8"  # 8 bits, same block size (a tied embedding table follows it, stored once)
+    FLOAT = "float"  # left in float (a tied embedding table too)
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which nodes are quantized."""
@@ -162,6 +170,7 @@ class Selection:
     exclude: tuple[str, ...] = ()
     min_elements: int = 1024  # weights with fewer elements stay float
     quantize_embeddings: bool = False
+    lm_head: LMHead = LMHead.SAME
 
 
 class ObserverKind(str, Enum):
