@@ -38,7 +38,7 @@ def text_windows(text_file: Path, tokenizer: Path | None, length: int, limit: in
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as exc:
+    except (OSError, ValueError, KeyError, ImportError) as exc:  # what from_pretrained raises for a bad folder
         raise LMEvalError(f"{tok_dir}: cannot load a tokenizer ({type(exc).__name__}); pass --tokenizer DIR") from None
     tok.model_max_length = 1 << 62  # the whole file at once; windows keep each run within the context
     ids = np.asarray(tok(text_file.read_text(), add_special_tokens=False)["input_ids"], np.int64)
