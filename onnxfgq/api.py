@@ -21,9 +21,10 @@ import onnx_ir as ir
 
 from onnxfgq.algorithms import QuantizedWeight, QuantSpec, make_quantizer
 from onnxfgq.calibrated import needs_plan, plan_weights, storage_bits_of
+from onnxfgq.calibration.feeds import FeedOptions
 from onnxfgq.config import OutputFormat, QuantizeConfig, Simplify
-from onnxfgq.errors import NothingToQuantizeError
-from onnxfgq.graph import io, passes
+from onnxfgq.errors import ModelLoadError, NothingToQuantizeError
+from onnxfgq.graph import external, io, passes, sanity
 from onnxfgq.graph.emit import make_emitter
 from onnxfgq.graph.roles import apply_lm_head
 from onnxfgq.graph.targets import Target, find_targets, has_foldable_weights
@@ -50,10 +51,17 @@ class QuantizeResult:
 def load_model(model: ModelLike) -> ir.Model:
     """An ``ir.Model`` that the caller's object does not share (inputs are never modified)."""
     if isinstance(model, ir.Model):
-        return ir.from_proto(ir.to_proto(model))
+        # A new graph over the same tensors, external ones checked and bound to an absolute folder.
+        copy = model.clone()
+        external.bind(copy)
+        return copy
     if isinstance(model, onnx.ModelProto):
         # from_proto builds a separate graph; tensors are read from the proto but never written
-        return ir.from_proto(model)
+        copy = ir.from_proto(model)
+        if any(True for _ in external.external_slots(copy)):
+            raise ModelLoadError("the ModelProto refers to external data but has no folder to read it from: "
+                                 "pass the model's path, or load it with its external data")
+        return copy
     return io.load(model)
 
 
@@ -83,18 +91,33 @@ def quantize(
         from onnxfgq.static import open_calibration, quantize_static
 
         ir_model = load_model(model)
-        data, ranges, label = open_calibration(config.activations.calibration, ir_model, config.activations)
+        data, ranges, label = open_calibration(config.activations.calibration, ir_model, config.activations,
+                                               feeds=FeedOptions.from_config(config.feeds, _folder_of(model)))
         qmodel, report = quantize_static(ir_model, config, data=data, ranges=ranges, progress=progress,
                                          data_label=label)
         return QuantizeResult(qmodel, report)
-    return _quantize_model(load_model(model), config or QuantizeConfig(), progress)
+    config = _with_model_dir(config or QuantizeConfig(), _folder_of(model))
+    return _quantize_model(load_model(model), config, progress)
+
+
+def _folder_of(model: ModelLike) -> Path | None:
+    return Path(model).resolve().parent if isinstance(model, (str, os.PathLike)) else None
+
+
+def _with_model_dir(config: QuantizeConfig, folder: Path | None) -> QuantizeConfig:
+    """Data sources look beside the model (tokenizer, genai_config.json) unless told otherwise."""
+    if folder is None or config.feeds.model_dir:
+        return config
+    return dataclasses.replace(config, feeds=dataclasses.replace(config.feeds, model_dir=str(folder)))
 
 
 def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progress) -> QuantizeResult:
     """Quantize ``ir_model``, which the caller hands over (it may be modified or replaced)."""
     config.validate()
+    sanity.check(ir_model)
     started = time.perf_counter()
     report = Report(config=_plain(config))
+    report.notes += sanity.normalize(ir_model)
     if config.simplify is Simplify.ALWAYS or (
         config.simplify is Simplify.AUTO and has_foldable_weights(ir_model.graph, config.selection.op_types)
     ):
@@ -131,7 +154,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
 
     plan = None
     if needs_plan(wc):  # calibration, AWQ graph edits, per-weight layouts and solvers
-        plan = plan_weights(ir_model, todo, wc, fmt, progress)
+        plan = plan_weights(ir_model, todo, wc, fmt, progress, FeedOptions.from_config(config.feeds))
         report.notes.extend(plan.notes)
         for t in todo:
             if id(t.node) in roles.bits and plan.covers(t):
@@ -188,6 +211,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
             solved[key] = None  # keeps `key in solved` meaning "seen" while freeing the codes
         del qw
     passes.remove_unused(ir_model)
+    sanity.unique_node_names(ir_model)  # emitted names derive from node names
     report.seconds = time.perf_counter() - started
     return QuantizeResult(ir_model, report)
 
@@ -251,7 +275,7 @@ def quantize_file(
     source = io.load(input_path)
     input_files = [input_path, *io.external_inputs(source)]
     io.check_output_path(output_path, input_files)
-    config = config or QuantizeConfig()
+    config = _with_model_dir(config or QuantizeConfig(), input_path.resolve().parent)
     result = _quantize_model(source, config, progress)
     custom = config.weights.resolved_format() is OutputFormat.CUSTOM
     if external is None and len(input_files) > 1:

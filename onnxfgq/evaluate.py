@@ -11,7 +11,10 @@ from onnxfgq.calibration.sources import CalibrationDataReader, iterate
 
 
 def make_session(path: Path, *, custom_ops: bool = False):
+    """A CPU session over the model file ``path``, its external data checked for containment first."""
     import onnxruntime as ort
+
+    from onnxfgq.graph import external
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -19,7 +22,7 @@ def make_session(path: Path, *, custom_ops: bool = False):
         from onnxfgq import ops
 
         ops.register(so)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return external.session_from_path(path, so)
 
 
 class OutputAgreement:

@@ -10,19 +10,18 @@ whole model's error, which is what a bit budget should be spent against.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxfgq.graph import external
 from onnxfgq.graph.targets import Target
 
 
 def _probe_model(model: ir.Model, roots: Sequence[ir.Value]) -> ir.Model:
     """A copy of ``model`` whose weights ``roots`` (by name) are graph inputs instead of initializers."""
-    copy = ir.from_proto(ir.to_proto(model))
+    copy = model.clone()  # shares the (folder-bound) tensors
     names = {v.name for v in roots}
     for name in names:
         value = copy.graph.initializers.pop(name)
@@ -51,10 +50,7 @@ def probe_errors(model: ir.Model, targets: Sequence[Target], weights: Sequence[n
     probe = _probe_model(model, roots)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="onnxfgq-probe-") as tmp:
-        path = Path(tmp) / "probe.onnx"
-        ir.save(probe, path, external_data="probe.onnx.data", size_threshold_bytes=1 << 20)
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    session = external.session(probe, so)
 
     def layout(t: Target, w_kn: np.ndarray) -> np.ndarray:
         w = w_kn.T if t.transposed else w_kn

@@ -10,6 +10,7 @@ Ranges can come from a ranges.json written by :func:`save_ranges` (``onnxfgq cal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -20,12 +21,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxfgq.calibration.collect import Collector
+from onnxfgq.calibration.feeds import FeedOptions
 from onnxfgq.calibration.observers import PercentileObserver, make_observer, quantization_snr_db
 from onnxfgq.calibration.sources import CalibrationDataReader, iterate
 from onnxfgq.config import ActivationConfig, ActivationType, QuantizeConfig, Simplify
 from onnxfgq.errors import NothingToQuantizeError, OnnxfgqError
 from onnxfgq.evaluate import OutputAgreement
-from onnxfgq.graph import io, passes
+from onnxfgq.graph import external, io, passes, sanity
 from onnxfgq.graph.fold import fold_batchnorms
 from onnxfgq.graph.qdq_static import Plan, TensorQuant, Unit, WeightQuant, insert_qdq, plan_static
 from onnxfgq.quant import QParams, dequantize, qrange, quantize, sqnr_db
@@ -96,13 +98,16 @@ def prepare(model: ir.Model, simplify: Simplify = Simplify.AUTO) -> tuple[ir.Mod
     """Fold BatchNorm, simplify, and raise the opset to 13: the graph calibration and QDQ both see.
 
     Deterministic, so tensor names in a ranges.json match a later run on the same model."""
-    notes = fold_batchnorms(model)
+    sanity.check(model)
+    notes = sanity.normalize(model)
+    bn_notes = fold_batchnorms(model)
     passes.remove_unused(model)
     if simplify is not Simplify.NEVER:
         result = io.simplify(model)
         model = result.model
         notes.append(result.note)
-        notes += fold_batchnorms(model)  # onnxsim may expose more (e.g. through Identity)
+        bn_notes = fold_batchnorms(model)  # onnxsim may expose more; only what is still left is news
+    notes += bn_notes
     note = passes.upgrade_opset(model, STATIC_OPSET)
     if note:
         notes.append(note)
@@ -174,7 +179,7 @@ def _tensor_quant(lo: float, hi: float, config: ActivationConfig) -> TensorQuant
 
 def build(prepared: ir.Model, names: set[str], ranges: Ranges, config: ActivationConfig) -> ir.Model:
     """A copy of ``prepared`` with the units named ``names`` quantized."""
-    model = ir.from_proto(ir.to_proto(prepared))
+    model = prepared.clone()  # shares the tensors (bound to their folder); insert_qdq edits the graph only
     plan = plan_static(model.graph, config.op_types, _neighbour_ops(config))
     units = [u for u in plan.active if u.name in names]
     tensors = {t: _tensor_quant(*ranges.ranges[t], config) for u in units for t in u.tensors}
@@ -208,7 +213,7 @@ class Guard:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return external.session(model, so)  # external weights read from the model's own files
 
     def measure(self, model: ir.Model) -> dict[str, float]:
         self.evaluations += 1
@@ -235,13 +240,17 @@ class Guard:
 
 
 def _take_samples(reader: CalibrationDataReader, samples: int) -> list[dict[str, np.ndarray]]:
-    out, n = [], 0
+    out = []
     for feed in iterate(reader):
         out.append(feed)
-        n += next(iter(feed.values())).shape[0] if feed else 1
-        if n >= samples:
+        if _samples(out) >= samples:
             break
     return out
+
+
+def _samples(feeds: list[dict[str, np.ndarray]]) -> int:
+    """Samples in ``feeds``: the batch (axis 0 of the first input) of each, 1 for scalars."""
+    return sum(int(np.shape(v)[0]) if np.ndim(v) else 1 for v in (next(iter(f.values())) for f in feeds if f))
 
 
 def quantize_static(model: ir.Model, config: QuantizeConfig, *, data: ReaderFactory | None = None,
@@ -266,20 +275,23 @@ def quantize_static(model: ir.Model, config: QuantizeConfig, *, data: ReaderFact
     if ranges is None:
         if data is None:
             raise CalibrationError("static quantization needs calibration data or a ranges.json")
-        ranges = calibrate(prepared, plan, data(), act, progress=progress, total=_batches(act), data=data_label)
+        reader = data()
+        ranges = calibrate(prepared, plan, reader, act, progress=progress, total=_batches(act), data=data_label)
+        feeds = getattr(reader, "description", "")
         report.notes.append(f"calibrated {len(ranges.ranges)} tensors on {ranges.samples} samples "
-                            f"({ranges.observer} observer)")
+                            f"({ranges.observer} observer){'; ' + feeds if feeds else ''}")
     reasons = _range_problems(plan, ranges)
     chosen = {u.name for u in plan.active if u.name not in reasons}
     guard_reasons: dict[str, str] = {}
     budget = act.error_budget()
     qmodel = build(prepared, chosen, ranges, act)
     if budget is not None and data is not None:
-        guard = Guard(prepared, _take_samples(data(), act.guard_samples), *budget)
+        batches = _take_samples(data(), act.guard_samples)
+        guard = Guard(prepared, batches, *budget)
         chosen, guard_reasons, metrics = _guard(prepared, plan, chosen, ranges, act, guard, progress)
         qmodel = build(prepared, chosen, ranges, act)
         report.notes.append(
-            f"accuracy guard: {budget[0]} {guard.value(metrics):.4f} vs FP32 on {act.guard_samples} calibration "
+            f"accuracy guard: {budget[0]} {guard.value(metrics):.4f} vs FP32 on {_samples(batches)} calibration "
             f"samples (budget {budget[0]} >= {budget[1]}); {len(guard_reasons)} node(s) kept float; "
             f"{guard.evaluations} evaluations")
         if not guard.ok(metrics):
@@ -382,6 +394,7 @@ class LimitedReader:
 
     def __init__(self, reader: CalibrationDataReader, samples: int):
         self.reader, self.left = reader, samples
+        self.description = getattr(reader, "description", "")  # how the source made its feeds
 
     def get_next(self):
         if self.left <= 0:
@@ -390,7 +403,7 @@ class LimitedReader:
         if not feed:
             return feed
         n = next(iter(feed.values())).shape[0]
-        if n > self.left:
+        if n > self.left and not getattr(self.reader, "fixed_batch", None):  # a fixed batch cannot be cut
             feed = {k: v[:self.left] for k, v in feed.items()}
             n = self.left
         self.left -= n
@@ -398,10 +411,16 @@ class LimitedReader:
 
 
 def open_calibration(spec: str, model: ir.Model, act: ActivationConfig, *, tokenizer: Path | None = None,
-                     dims: dict[str, int] | None = None) -> tuple[ReaderFactory | None, Ranges | None, str]:
+                     dims: dict[str, int] | None = None, feeds: FeedOptions | None = None,
+                     option: str = "--calibration") -> tuple[ReaderFactory | None, Ranges | None, str]:
     """(reader factory, ranges, data label) for ``spec``: a data source, or a ranges.json (whose
-    recorded data source, if still readable, feeds the accuracy guard)."""
+    recorded data source, if still readable, feeds the accuracy guard). ``feeds`` (or ``tokenizer``
+    and ``dims``) shape the inputs; ``option`` names the flag in errors."""
     from onnxfgq.calibration.sources import DataSourceError, open_source
+
+    feeds = feeds or FeedOptions()
+    feeds = dataclasses.replace(feeds, dims={**feeds.dims, **(dims or {})},
+                                tokenizer=Path(tokenizer) if tokenizer else feeds.tokenizer)
 
     ranges = None
     if spec.endswith(".json"):
@@ -412,7 +431,7 @@ def open_calibration(spec: str, model: ir.Model, act: ActivationConfig, *, token
 
     def factory() -> CalibrationDataReader:
         return LimitedReader(open_source(spec, model, num_samples=act.num_samples, batch_size=act.batch_size,
-                                         dims=dims, tokenizer=tokenizer), act.num_samples)
+                                         options=feeds, option=option), act.num_samples)
 
     try:
         factory()  # fail early on a bad source
@@ -432,7 +451,9 @@ def quantize_static_file(input_path: str | Path, output_path: str | Path, config
     input_files = [input_path, *io.external_inputs(source)]
     io.check_output_path(output_path, input_files)
     act = config.activations or ActivationConfig()
-    factory, ranges, label = open_calibration(act.calibration, source, act, tokenizer=tokenizer, dims=dims)
+    feeds = FeedOptions.from_config(config.feeds, input_path.resolve().parent)
+    factory, ranges, label = open_calibration(act.calibration, source, act, tokenizer=tokenizer, dims=dims,
+                                              feeds=feeds)
     model, report = quantize_static(source, config, data=factory, ranges=ranges, progress=progress,
                                     data_label=label)
     if external is None and len(input_files) > 1:
@@ -449,7 +470,9 @@ def calibrate_file(model_path: str | Path, out_path: str | Path, act: Activation
                    dims: dict[str, int] | None = None, simplify: Simplify = Simplify.AUTO) -> Ranges:
     """``onnxfgq calibrate``: ranges of every tensor static quantization would touch, as JSON."""
     source = io.load(model_path)
-    factory, _, label = open_calibration(act.calibration, source, act, tokenizer=tokenizer, dims=dims)
+    factory, _, label = open_calibration(act.calibration, source, act, tokenizer=tokenizer, dims=dims,
+                                         feeds=FeedOptions(model_dir=Path(model_path).resolve().parent),
+                                         option="--data")
     if factory is None:
         raise CalibrationError(f"--data {act.calibration!r}: not a data source")
     prepared, _ = prepare(source, simplify)

@@ -6,15 +6,15 @@ straight to the sinks and are dropped, so memory does not grow with the number o
 
 from __future__ import annotations
 
-import tempfile
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxfgq.calibration.sources import CalibrationDataReader, iterate
+from onnxfgq.graph import external
 
 Sink = Callable[[np.ndarray], None]
 Progress = Callable[[Iterable, int, str], Iterable]
@@ -25,13 +25,24 @@ def _no_progress(items: Iterable, total: int, label: str) -> Iterable:
     return items
 
 
+def infer_shapes_quietly(model: ir.Model) -> None:
+    """onnx shape inference, in place, where it succeeds. Shapes are a convenience here (ORT infers
+    types at load): a failure is no error, so onnx_ir's warning and traceback stay out of the run."""
+    logger = logging.getLogger(common.ShapeInferencePass.__module__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        common.ShapeInferencePass()(model)
+    except Exception:  # noqa: BLE001 - the model is left as it was
+        pass
+    finally:
+        logger.setLevel(level)
+
+
 def exposing_model(model: ir.Model, names: Sequence[str]) -> ir.Model:
     """A copy of ``model`` whose graph outputs also include the values ``names`` (in that order)."""
-    copy = ir.from_proto(ir.to_proto(model))
-    try:
-        common.ShapeInferencePass()(copy)
-    except Exception:  # shapes are a convenience here: ORT infers types at load
-        pass
+    copy = model.clone()  # shares the (lazy, folder-bound) tensors; the graph is its own
+    infer_shapes_quietly(copy)
     values = {v.name: v for node in copy.graph for v in node.outputs}
     values.update({v.name: v for v in copy.graph.inputs})
     existing = {v.name for v in copy.graph.outputs}
@@ -60,10 +71,8 @@ class Collector:
         so.intra_op_num_threads = intra_op_threads
         # Fusions could swallow the tensors we want to see; the float graph is what we observe.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        with tempfile.TemporaryDirectory(prefix="onnxfgq-collect-") as tmp:
-            path = Path(tmp) / "exposed.onnx"
-            ir.save(exposed, path, external_data="exposed.onnx.data", size_threshold_bytes=1 << 20)
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        # The exposed graph goes to onnxruntime as bytes; external weights are read from the model's files.
+        self.session = external.session(exposed, so)
         self.model_outputs = [o.name for o in model.graph.outputs]
 
     def run(self, reader: CalibrationDataReader, sinks: Mapping[str, Sequence[Sink]], *,

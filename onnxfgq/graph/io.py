@@ -13,14 +13,17 @@ import onnx
 import onnx_ir as ir
 
 from onnxfgq.errors import ModelLoadError, OutputPathError
+from onnxfgq.graph import external as extdata
 
-# protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
-PROTOBUF_LIMIT = 2**31 - 2**26
+PROTOBUF_LIMIT = extdata.PROTOBUF_LIMIT
 
 
 def load(path: str | os.PathLike) -> ir.Model:
-    """Load ``path`` lazily, checking up front that every external-data file is present and long enough."""
+    """Load ``path`` lazily; every external tensor is checked and bound to the model's folder
+    (see ``external``) before anything is read."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not an ONNX model file")
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     try:
@@ -29,26 +32,11 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.outputs and not len(model.graph):
         raise ModelLoadError(f"{path}: not an ONNX model (empty graph)")
-    _check_external_data(model, path)
+    try:
+        extdata.bind(model, path.absolute().parent)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
     return model
-
-
-def _check_external_data(model: ir.Model, path: Path) -> None:
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            data = Path(tensor.base_dir) / tensor.location
-            if not data.is_file():
-                raise ModelLoadError(
-                    f"{path}: external data file {tensor.location!r} of initializer {value.name!r} "
-                    f"is missing (looked in {data.parent})"
-                )
-            need = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
-            if data.stat().st_size < need:
-                raise ModelLoadError(
-                    f"{path}: external data file {tensor.location!r} is truncated: initializer "
-                    f"{value.name!r} needs {need} bytes, the file has {data.stat().st_size}"
-                )
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -68,7 +56,8 @@ def simplify(model: ir.Model) -> SimplifyResult:
     try:
         import onnxsim
 
-        proto = ir.to_proto(model)
+        # onnxsim wants the weights in the proto (its C++ side would resolve external data against cwd).
+        proto = ir.to_proto(extdata.inlined(model))
         simplified, ok = onnxsim.simplify(proto)
         if not ok:
             return SimplifyResult(model, "onnxsim could not validate its result; using the unsimplified graph")
@@ -92,12 +81,7 @@ def check_output_path(out: Path, inputs: list[Path]) -> None:
 
 
 def external_inputs(model: ir.Model) -> list[Path]:
-    files = set()
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            files.add((Path(tensor.base_dir) / tensor.location).resolve())
-    return sorted(files)
+    return extdata.files(model)
 
 
 def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from onnxfgq.graph import external
+
 
 def default_opset(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
@@ -19,8 +21,7 @@ def upgrade_opset(model: ir.Model, target: int) -> str | None:
 
     # onnx's converter covers every op's adapter (onnxscript's skips e.g. ReduceL2's axes move).
     # Initializers are serialised as references where they are external, so this stays cheap.
-    proto = ir.to_proto(model)
-    upgraded = ir.from_proto(onnx.version_converter.convert_version(proto, target))
+    upgraded = external.rebuild(model, lambda proto: onnx.version_converter.convert_version(proto, target))
     model.graph = upgraded.graph  # the graph carries the opset imports
     return f"upgraded the model's opset from {current} to {target}"
 
