@@ -1,0 +1,293 @@
+"""Block-by-block calibrated quantization: memory bounded by one block.
+
+The calibration feeds are written to a cache folder once. Then, block after block (see blocks.py):
+
+1. the block alone runs in an onnxruntime session over its cached inputs, and the inputs of its
+   MatMul/Gemm weights stream into ``ActivationStats`` (padding tokens left out, as in
+   ``calibrated.collect_stats``); AWQ scales are searched there when asked;
+2. its weights are solved (``Plan.solve``, called by the rewriter in graph order);
+3. before the first weight of the next block is solved, the block runs again with every weight
+   replaced by the float weight its quantized form computes, and its outputs become the next block's
+   cached inputs. So each block is calibrated on what the quantized blocks before it produce (GPTQ's
+   sequential mode), and nothing but one block's session, statistics and one batch of activations is
+   in memory at a time.
+
+``plan_blockwise`` returns a ``calibrated.Plan`` whose ``engine`` hook does steps 1 and 3.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxfgq.algorithms.base import QuantSpec
+from onnxfgq.algorithms.stats import ActivationStats
+from onnxfgq.config import WeightConfig
+from onnxfgq.engine.blocks import Block, Chain, partition
+from onnxfgq.graph.targets import Target
+
+Progress = Callable[[Iterable, int, str], Iterable]
+
+
+# ---------------------------------------------------------------------------------------- sessions
+def session(model: ir.Model):
+    """An onnxruntime CPU session over ``model`` (basic optimisations only: fusions could swallow the
+    tensors observed)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:  # the one mechanism that reads external data from the model's own files
+        from onnxfgq.graph.external import session as external_session
+    except ImportError:
+        external_session = None
+    if external_session is not None:
+        return external_session(model, so)
+    with tempfile.TemporaryDirectory(prefix="onnxfgq-block-") as tmp:
+        path = Path(tmp) / "block.onnx"
+        ir.save(model, path, external_data="block.onnx.data", size_threshold_bytes=1 << 20)
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _with_outputs(block: Block, names: Sequence[str]) -> ir.Model:
+    """A copy of the block whose outputs also include ``names`` (tensors computed inside it)."""
+    copy = block.model.clone()
+    values = {v.name: v for node in copy.graph for v in node.outputs}
+    have = {v.name for v in copy.graph.outputs}
+    for name in names:
+        if name not in have:
+            v = values[name]
+            if v.type is None:
+                v.type = ir.TensorType(ir.DataType.FLOAT)
+            copy.graph.outputs.append(v)
+    return copy
+
+
+def _with_weights(block: Block, weights: dict[str, np.ndarray]) -> ir.Model:
+    """A copy of the block where the node producing output ``name`` reads ``weights[name]`` (oriented
+    as the node sees it) as its weight input instead of its own."""
+    copy = block.model.clone()
+    for node in copy.graph:
+        w = weights.get(node.outputs[0].name) if node.outputs else None
+        if w is None:
+            continue
+        value = ir.Value(name=f"{node.outputs[0].name}::onnxfgq_effective", const_value=ir.tensor(w),
+                         type=ir.TensorType(ir.DataType.from_numpy(w.dtype)), shape=ir.Shape(w.shape))
+        copy.graph.register_initializer(value)
+        node.replace_input_with(1, value)
+    return copy
+
+
+def run_chain(chain: Chain, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's outputs, computed block after block (each block in its own session)."""
+    values = dict(feed)
+    for block in chain.blocks:
+        outs = session(block.model).run(block.outputs, {n: values[n] for n in block.inputs})
+        values.update(zip(block.outputs, outs))
+    return {n: values[n] for n in chain.graph_outputs}
+
+
+# ---------------------------------------------------------------------------------------- cache
+class ActivationCache:
+    """One ``.npy`` file per (tensor, batch) in ``folder``, read back memory-mapped."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.ids: dict[str, int] = {}
+        self.batches = 0
+
+    def _path(self, name: str, batch: int) -> Path:
+        i = self.ids.setdefault(name, len(self.ids))
+        return self.folder / f"t{i}" / f"{batch}.npy"
+
+    def put(self, name: str, batch: int, x: np.ndarray) -> None:
+        path = self._path(name, batch)
+        path.parent.mkdir(exist_ok=True)
+        np.save(path, np.ascontiguousarray(x))
+
+    def get(self, name: str, batch: int) -> np.ndarray:
+        return np.load(self._path(name, batch), mmap_mode="r")
+
+    def drop(self, name: str) -> None:
+        if name in self.ids:
+            shutil.rmtree(self.folder / f"t{self.ids[name]}", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- engine
+def _observe(st: ActivationStats, x: np.ndarray, mask: np.ndarray | None) -> None:
+    """As ``calibrated.collect_stats``: real tokens only, every sample weighing the same."""
+    from onnxfgq.calibrated import _token_mask
+
+    m = _token_mask(mask, x) if mask is not None else None
+    if m is not None and x.ndim == 3:
+        lengths = np.maximum(m.sum(1, keepdims=True), 1)
+        st.update(x[m], np.broadcast_to(m.shape[1] / lengths, m.shape)[m] * m.mean())
+    elif m is not None:
+        st.update(x[m[:, 0]])
+    else:
+        st.update(x)
+
+
+def _node_dtype(t: Target) -> np.dtype:
+    """The dtype the node sees its weight in (after the chain's Casts)."""
+    dtype = t.chain.tensor.dtype
+    for op in t.chain.ops:
+        if op.op_type == "Cast":
+            dtype = ir.DataType(op.attributes.get_int("to"))
+    return dtype.numpy()
+
+
+class BlockEngine:
+    """The ``Plan.engine`` hook: statistics of a block before its first weight is solved, and its
+    quantized outputs before the next block's first weight is."""
+
+    def __init__(self, chain: Chain, block_of: dict[tuple, int], targets: dict[tuple, list[Target]],
+                 wc: WeightConfig, progress: Progress, folder: Path, mask: str | None):
+        self.chain, self.block_of, self.targets = chain, block_of, targets
+        self.wc, self.progress = wc, progress
+        self.cache = ActivationCache(folder)
+        self.current = -1  # the block whose statistics are collected and whose weights are solving
+        self.effective: dict[tuple, np.ndarray] = {}  # weight key -> float weight its codes compute
+        self.done: set[tuple] = set()
+        self.mask = mask
+        self.plan = None
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(folder), True)
+        last_reader: dict[str, int] = {}
+        for b in chain.blocks:
+            for name in b.inputs:
+                last_reader[name] = b.index
+        self.last_reader = last_reader
+
+    # -- feeds
+    def write_feeds(self, reader_batches: Iterable[dict[str, np.ndarray]]) -> int:
+        for i, feed in enumerate(reader_batches):
+            for name in self.chain.graph_inputs:
+                if name in feed:
+                    self.cache.put(name, i, feed[name])
+            self.cache.batches = i + 1
+        return self.cache.batches
+
+    def _feed(self, block: Block, i: int) -> dict[str, np.ndarray]:
+        return {n: self.cache.get(n, i) for n in block.inputs}
+
+    def _mask(self, i: int) -> np.ndarray | None:
+        return np.asarray(self.cache.get(self.mask, i)) != 0 if self.mask else None
+
+    # -- hooks
+    def before_solve(self, plan, t: Target) -> None:
+        b = self.block_of[t.chain.key + (t.transposed,)]
+        while self.current < b:
+            if self.current >= 0:
+                self._advance(self.chain.blocks[self.current])
+            self.current += 1
+            self._collect(plan, self.chain.blocks[self.current])
+
+    def solved(self, t: Target, effective: np.ndarray) -> None:
+        key = t.chain.key + (t.transposed,)
+        self.effective[key] = effective
+        self.done.add(key)
+        if len(self.done) == len(self.block_of):  # the last weight: nothing runs after it
+            self.close()
+
+    def close(self) -> None:
+        self._cleanup()
+
+    # -- steps
+    def _collect(self, plan, block: Block) -> None:
+        """Statistics of the inputs of every weight in ``block``, from its cached inputs."""
+        from onnxfgq.calibrated import _solver
+
+        keys = {key for key, b in self.block_of.items() if b == block.index}
+        if not keys:
+            return
+        names = list(dict.fromkeys(t.node.inputs[0].name for key in keys for t in self.targets[key]))
+        sess = session(_with_outputs(block, names))
+        stats = {n: ActivationStats() for n in names}
+        for i in self.progress(range(self.cache.batches), self.cache.batches, f"block {block.index + 1}/{len(self.chain)}"):
+            mask = self._mask(i)
+            for name, x in zip(names, sess.run(names, self._feed(block, i))):
+                _observe(stats[name], x, mask)
+        del sess
+        for key in keys:
+            p = plan.weights[key]
+            p.stats = stats[self.targets[key][0].node.inputs[0].name]
+            p.solver = _solver(self.wc, p.stats)
+        plan.calibration_rows = max(plan.calibration_rows, round(max(s.rows for s in stats.values())))
+
+    def _advance(self, block: Block) -> None:
+        """Run ``block`` with its weights as quantized; its outputs go to the cache for later blocks.
+        Statistics and effective weights of the block are dropped."""
+        weights = {}
+        for key, b in self.block_of.items():
+            if b != block.index or key not in self.effective:
+                continue
+            for t in self.targets[key]:
+                w = self.effective[key].astype(_node_dtype(t))
+                weights[t.node.outputs[0].name] = np.ascontiguousarray(w.T if t.transposed else w)
+        needed = [n for n in block.outputs if self.last_reader.get(n, -1) > block.index]
+        if needed:
+            sess = session(_with_weights(block, weights))
+            for i in range(self.cache.batches):
+                for name, x in zip(needed, sess.run(needed, self._feed(block, i))):
+                    self.cache.put(name, i, x)
+            del sess
+        for key, b in self.block_of.items():
+            if b == block.index:
+                self.effective.pop(key, None)
+                if self.plan is not None:
+                    self.plan.weights[key].stats = None
+        for name in block.inputs:
+            if self.last_reader.get(name) == block.index and name != self.mask:
+                self.cache.drop(name)
+
+
+def plan_blockwise(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, fmt, progress: Progress,
+                   feeds=None):
+    """A ``calibrated.Plan`` for ``targets`` whose statistics come block by block (module docstring).
+    None where the whole-model planner must do it: AWQ, adaptive or mixed layouts (they choose from
+    every layer's statistics at once), a weight shared by several blocks, or a graph that does not
+    cut into at least two blocks."""
+    from onnxfgq.calibrated import Plan, WeightPlan, _mask_input, open_calibration_source, weight_key
+    from onnxfgq.calibration.sources import iterate
+    from onnxfgq.config import Granularity
+
+    del fmt  # blocks run with float weights standing for the quantized ones: any format works
+    if "awq" in wc.algorithm.parts or wc.granularity is Granularity.ADAPTIVE or wc.target_bits > 0:
+        return None
+    chain = partition(model)
+    if len(chain) < 2:
+        return None
+    mm = [t for t in targets if t.kind == "matmul"]
+    owner: dict[str, int] = {}
+    for b in chain.blocks:
+        for node in b.model.graph:
+            for o in node.outputs:
+                owner.setdefault(o.name, b.index)
+    by_key: dict[tuple, list[Target]] = {}
+    for t in mm:
+        by_key.setdefault(weight_key(t), []).append(t)
+    block_of = {}
+    for key, ts in by_key.items():
+        blocks = {owner.get(t.node.outputs[0].name) for t in ts}
+        if len(blocks) != 1 or None in blocks or len({t.node.inputs[0].name for t in ts}) != 1:
+            return None  # a weight shared across blocks or inputs: the whole-model path handles it
+        block_of[key] = blocks.pop()
+    plan = Plan()
+    for key, ts in by_key.items():
+        k, n = ts[0].shape_kn
+        plan.weights[key] = WeightPlan(QuantSpec(wc.bits, wc.block_shape((k, n), 0, 1), wc.symmetric),
+                                       None, wc.algorithm.value)
+    folder = Path(tempfile.mkdtemp(prefix="onnxfgq-blocks-"))
+    engine = BlockEngine(chain, block_of, by_key, wc, progress, folder, _mask_input(model))
+    engine.plan = plan
+    batches = engine.write_feeds(iterate(open_calibration_source(model, wc, feeds)))
+    plan.engine = engine
+    plan.notes.append(f"calibrated block by block on {wc.calibration} ({batches} batches; {chain.note})")
+    return plan
