@@ -276,13 +276,16 @@ def quantize_file(
     input_files = [input_path, *io.external_inputs(source)]
     io.check_output_path(output_path, input_files)
     config = _with_model_dir(config or QuantizeConfig(), input_path.resolve().parent)
+    gate = io.input_gate(input_path, source)  # before any work: refuse what cannot be validated
     result = _quantize_model(source, config, progress)
+    if gate.note:
+        result.report.notes.append(gate.note)
     custom = config.weights.resolved_format() is OutputFormat.CUSTOM
     if external is None and len(input_files) > 1:
         external = True
     started = time.perf_counter()
     written = io.save(result.model, output_path, external=external,
-                      validate=lambda p: io.check(p, custom_ops=custom))
+                      validate=lambda p: io.check(p, custom_ops=custom, gate=gate))
     report = result.report
     report.seconds += time.perf_counter() - started
     report.input_path, report.output_path = str(input_path), str(output_path)

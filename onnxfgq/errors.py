@@ -19,4 +19,20 @@ class OutputPathError(OnnxfgqError):
     """The output path would overwrite the input, or cannot be written."""
 
 
-__all__ = ["ConfigError", "ModelLoadError", "NothingToQuantizeError", "OnnxfgqError", "OutputPathError"]
+class ValidationError(OnnxfgqError):
+    """The input cannot be validated (fails onnx.checker and does not load in onnxruntime), or the
+    rewritten model fails the gate the input passed (a bug of ours; nothing is written then)."""
+
+
+class Interrupted(OnnxfgqError):
+    """SIGINT or SIGTERM arrived; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; nothing was written")
+        self.exit_code = 128 + signum
+
+
+__all__ = ["ConfigError", "Interrupted", "ModelLoadError", "NothingToQuantizeError", "OnnxfgqError",
+           "OutputPathError", "ValidationError"]

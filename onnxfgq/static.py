@@ -450,6 +450,7 @@ def quantize_static_file(input_path: str | Path, output_path: str | Path, config
     source = io.load(input_path)
     input_files = [input_path, *io.external_inputs(source)]
     io.check_output_path(output_path, input_files)
+    gate = io.input_gate(input_path, source)  # before any work: refuse what cannot be validated
     act = config.activations or ActivationConfig()
     feeds = FeedOptions.from_config(config.feeds, input_path.resolve().parent)
     factory, ranges, label = open_calibration(act.calibration, source, act, tokenizer=tokenizer, dims=dims,
@@ -458,7 +459,9 @@ def quantize_static_file(input_path: str | Path, output_path: str | Path, config
                                     data_label=label)
     if external is None and len(input_files) > 1:
         external = True
-    written = io.save(model, output_path, external=external, validate=io.check)
+    if gate.note:
+        report.notes.append(gate.note)
+    written = io.save(model, output_path, external=external, validate=lambda p: io.check(p, gate=gate))
     report.input_path, report.output_path = str(input_path), str(output_path)
     report.size_before = sum(p.stat().st_size for p in input_files)
     report.size_after = sum(Path(p).stat().st_size for p in written)

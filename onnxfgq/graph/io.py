@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxfgq.errors import ModelLoadError, OutputPathError
+from onnxfgq.errors import ModelLoadError, OutputPathError, ValidationError
 from onnxfgq.graph import external as extdata
 
 PROTOBUF_LIMIT = extdata.PROTOBUF_LIMIT
@@ -118,25 +118,76 @@ def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = Non
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-class ValidationError(RuntimeError):
-    """The rewritten model failed onnx.checker or did not load in onnxruntime (a bug of ours)."""
+@dataclass(frozen=True)
+class Gate:
+    """What the output must pass: what the input passed (onnx.checker, onnxruntime's load)."""
+
+    checker: bool = True
+    runtime: bool = True
+    note: str = ""  # for the report: which check the input fails, so the output is not held to it
 
 
-def check(path: Path, *, custom_ops: bool = False) -> None:
-    """onnx.checker (by path, so external data and >2 GB models work), then an onnxruntime load."""
-    try:
+# Up to this much weight, the input is loaded in onnxruntime up front (seconds); beyond, only when
+# onnx.checker fails (then onnxruntime is all that can vouch for it).
+ORT_PRECHECK_BYTES = 2 << 30
+
+
+def input_gate(path: Path, model: ir.Model, *, custom_ops: bool = False) -> Gate:
+    """Check the input before any work: the output is later held to the checks the input passes.
+
+    An input that fails both onnx.checker and onnxruntime's load is refused (ValidationError)."""
+    checker_error = _checker_error(path)
+    runtime_error = None
+    if checker_error is not None or weight_bytes(model) <= ORT_PRECHECK_BYTES:
+        runtime_error = _runtime_error(path, custom_ops=custom_ops, optimize=False)
+    if checker_error is not None and runtime_error is not None:
+        raise ValidationError(f"{path}: fails onnx.checker ({checker_error}) and onnxruntime cannot load it "
+                              f"({runtime_error})")
+    if checker_error is not None:
+        return Gate(checker=False, note=f"the input fails onnx.checker ({checker_error}); the output is "
+                                        f"validated by onnxruntime's load only")
+    if runtime_error is not None:
+        return Gate(runtime=False, note=f"onnxruntime cannot load the input ({runtime_error}); the output is "
+                                        f"validated by onnx.checker only")
+    return Gate()
+
+
+def _first_line(exc: Exception, limit: int = 200) -> str:
+    text = str(exc).strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return line[:limit]
+
+
+def _checker_error(path: Path) -> str | None:
+    try:  # by path: external data (already contained) is not read, and >2 GB models work
         onnx.checker.check_model(str(path), full_check=False)
-    except Exception as exc:
-        raise ValidationError(f"the quantized model fails onnx.checker: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any checker failure is an answer, not a crash
+        return _first_line(exc)
+    return None
+
+
+def _runtime_error(path: Path, *, custom_ops: bool, optimize: bool = True) -> str | None:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
+    if not optimize:  # the input's check: a load, not a compile (seconds)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if custom_ops:
         from onnxfgq import ops
 
         ops.register(so)
     try:
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ValidationError(f"the quantized model does not load in onnxruntime: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001
+        return _first_line(exc)
+    return None
+
+
+def check(path: Path, *, custom_ops: bool = False, gate: Gate = Gate()) -> None:
+    """The gate before the rename: onnx.checker (where the input passed it), then an onnxruntime load
+    (where the input loaded)."""
+    if gate.checker and (error := _checker_error(path)) is not None:
+        raise ValidationError(f"the quantized model fails onnx.checker (the input passes it): {error}")
+    if gate.runtime and (error := _runtime_error(path, custom_ops=custom_ops)) is not None:
+        raise ValidationError(f"the quantized model does not load in onnxruntime (the input does): {error}")
