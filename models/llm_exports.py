@@ -115,8 +115,9 @@ def build_llama(dims: LlamaDims, seed: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def save_hf(model, tok, out_dir: str | os.PathLike, meta: dict) -> Path:
-    """save_pretrained the model (safetensors, fp32) + tokenizer + a meta.json, atomically."""
+def save_hf(model, tok, out_dir: str | os.PathLike, meta: dict, extra_files: dict[str, str] | None = None) -> Path:
+    """save_pretrained the model (safetensors, fp32) + tokenizer + a meta.json (+ ``extra_files``,
+    name -> text), atomically."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)
@@ -125,6 +126,8 @@ def save_hf(model, tok, out_dir: str | os.PathLike, meta: dict) -> Path:
         model.save_pretrained(tmp)
         GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(tmp)
         save_tokenizer(tok, tmp, model.config.max_position_embeddings)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _replace(tmp, out)
     finally:
