@@ -135,7 +135,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         reason = problem[1].split(";")[0] if problem else ""
         report.notes.append(f"using the custom op com.onnxfgq::MatMulBlockQuant ({reason})")
 
-    targets = list(find_targets(ir_model.graph, config.selection))
+    targets = list(find_targets(ir_model, config.selection))
     roles = apply_lm_head(ir_model.graph, targets, config.selection)  # --lm-head: float or 8 bits
     report.notes.extend(roles.notes)
     emitter = make_emitter(ir_model, wc)
@@ -153,8 +153,13 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         )
 
     plan = None
-    if needs_plan(wc):  # calibration, AWQ graph edits, per-weight layouts and solvers
-        plan = plan_weights(ir_model, todo, wc, fmt, progress, FeedOptions.from_config(config.feeds))
+    # Calibration observes main-graph tensors only: weights in control-flow bodies and functions get RTN.
+    reachable = [t for t in todo if t.scope == "graph"]
+    if needs_plan(wc) and len(reachable) < len(todo):
+        report.notes.append(f"{len(todo) - len(reachable)} weights inside control-flow bodies or functions "
+                            f"use RTN: calibration cannot observe their inputs")
+    if needs_plan(wc) and reachable:  # calibration, AWQ graph edits, per-weight layouts and solvers
+        plan = plan_weights(ir_model, reachable, wc, fmt, progress, FeedOptions.from_config(config.feeds))
         report.notes.extend(plan.notes)
         for t in todo:
             if id(t.node) in roles.bits and plan.covers(t):
@@ -173,7 +178,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         w = t.weight()
         red, chan = t.quant_axes
         bits = roles.bits_for(t, wc.bits)
-        qw = make_quantizer(wc.algorithm).solve(w, QuantSpec(bits, wc.block_shape(w.shape, red, chan),
+        qw = make_quantizer("rtn").solve(w, QuantSpec(bits, wc.block_shape(w.shape, red, chan),
                                                               wc.symmetric))
         return qw, sqnr_db(w, qw.dequantize())
 
@@ -195,7 +200,8 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         qw = solved[key]
         nbytes = emitter.emit(t, qw)
         layer = _layer(t, "shared" if shared else "quantized", bits=qw.bits,
-                       block=_describe_block(t, qw), fmt=fmt.value, algorithm=wc.algorithm.value)
+                       block=_describe_block(t, qw), fmt=fmt.value,
+                       algorithm=wc.algorithm.value if planned else "rtn")
         layer.sqnr_db = weight_sqnr[key]
         if planned:
             err = plan.output_error(t, t.weight(), qw)

@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", type=Path)
     i.add_argument("--op-types", default=",".join(_S.op_types))
     i.add_argument("--quantize-embeddings", action="store_true")
+    i.add_argument("--simplify", choices=[v.value for v in Simplify], default=QuantizeConfig().simplify.value,
+                   help="as quantize does: onnxsim first (auto: only when a weight is computed from constants)")
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("eval", help="compare a quantized model's outputs with the float model's")
@@ -281,21 +283,31 @@ def _finish(args, report, out: Path, *, custom_ops: bool) -> int:
 def cmd_inspect(args) -> int:
     from rich.table import Table
 
-    from onnxfgq.graph import io
-    from onnxfgq.graph.targets import find_targets
+    from onnxfgq.graph import io, sanity
+    from onnxfgq.graph.targets import find_targets, has_foldable_weights
 
     model = io.load(args.model)
     sel = Selection(op_types=tuple(args.op_types.split(",")), quantize_embeddings=args.quantize_embeddings)
+    # The graph quantize sees: same checks, same normalisation, same simplification rule.
+    sanity.check(model)
+    notes = sanity.normalize(model)
+    simplify = Simplify(args.simplify)
+    if simplify is Simplify.ALWAYS or (simplify is Simplify.AUTO and has_foldable_weights(model.graph, sel.op_types)):
+        result = io.simplify(model)
+        model = result.model
+        notes.append(result.note)
     table = Table(title=str(args.model))
     for col in ("node", "op", "weight shape", "dtype", "quantizable"):
         table.add_column(col)
     n = 0
-    for t in find_targets(model.graph, sel):
+    for t in find_targets(model, sel):
         n += t.skip_reason is None
         table.add_row(t.name, t.node.op_type, "x".join(map(str, t.weight_shape)), t.chain.tensor.dtype.name,
                       "yes" if t.skip_reason is None else t.skip_reason)
     console = _console()
     console.print(table)
+    for note in notes:
+        console.print(f"note: {note}")
     opsets = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in model.opset_imports.items())
     console.print(f"{n} quantizable weights; {len(model.graph)} nodes; opsets {opsets}")
     return 0

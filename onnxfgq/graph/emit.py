@@ -58,10 +58,6 @@ def _digest(*arrays: np.ndarray) -> bytes:
     return h.digest()
 
 
-def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    return _initializer(graph, _unique(graph, base), ir.tensor(array))
-
-
 def _replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_output: ir.Value) -> None:
     ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, [old.outputs[0]], [new_output])
 
@@ -94,6 +90,43 @@ class Emitter:
         self.config = config
         self._cache: dict[tuple, tuple[ir.Value | None, ...]] = {}
         self._tables: dict[tuple, tuple[bytes, object]] = {}
+        self._functions = {id(f.graph): f for f in model.functions.values()}
+
+    # Where new tensors go: initializers of the graph holding the node (a control-flow body may read
+    # outer-scope initializers, but onnxruntime's DQ -> MatMulNBits fusion inside a body only finds
+    # the body's own); a model-local function has no initializers, so there they become Constant
+    # nodes placed before the node that reads them.
+    def _constant(self, target: Target, base: str, tensor: ir.TensorProtocol) -> ir.Value:
+        graph = target.node.graph
+        if id(graph) not in self._functions:
+            name, i = base, 0
+            while name in graph.initializers or name in self.graph.initializers:  # no shadowing either
+                i += 1
+                name = f"{base}_{i}"
+            return _initializer(graph, name, tensor)
+        taken = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        node = ir.node("Constant", [], {"value": tensor}, name=f"{name}_Constant")
+        out = node.outputs[0]
+        out.name, out.shape, out.type = name, tensor.shape, ir.TensorType(tensor.dtype)
+        out.const_value = tensor  # a value known at build time (not an initializer: not serialised as one)
+        graph.insert_before(target.node, node)
+        return out
+
+    def _use_domain(self, target: Target, domain: str, version: int = 1) -> None:
+        """Import ``domain`` in the model and, for a node inside a function, in that function too."""
+        self.model.opset_imports.setdefault(domain, version)
+        function = self._functions.get(id(target.node.graph))
+        if function is not None:
+            function.opset_imports.setdefault(domain, version)
+
+    def _scope_key(self, target: Target) -> tuple:
+        """Shared weights share storage within the graph that holds them."""
+        graph = target.node.graph
+        return () if graph is self.graph else (id(graph),)
 
     def can_emit(self, target: Target) -> str | None:
         """Why this emitter cannot handle ``target`` (None if it can)."""
@@ -129,11 +162,12 @@ class Emitter:
         """Gemm's ``beta * C`` as a registered ``[N]`` initializer (None for MatMul or no C)."""
         bias, _ = _gemm_bias(target)
         if bias is not None:
-            bias.name = _unique(self.graph, target.name + "_bias")
-            self.graph.register_initializer(bias)
+            bias = self._constant(target, target.name + "_bias", bias.const_value)
         return bias
 
-    def _register(self, key: tuple, base: str, tensors: list[ir.TensorProtocol | None]) -> tuple[tuple, int]:
+    def _register(self, target: Target, key: tuple, base: str,
+                  tensors: list[ir.TensorProtocol | None]) -> tuple[tuple, int]:
+        key = key + self._scope_key(target)
         if key in self._cache:
             return self._cache[key], 0
         values, nbytes = [], 0
@@ -141,7 +175,7 @@ class Emitter:
             if t is None:
                 values.append(None)
                 continue
-            values.append(_initializer(self.graph, _unique(self.graph, base + suffix), t))
+            values.append(self._constant(target, base + suffix, t))
             nbytes += t.nbytes
         self._cache[key] = tuple(values)
         return self._cache[key], nbytes
@@ -195,13 +229,14 @@ class MatMulNBitsEmitter(Emitter):
         tied = self._tied_table(target, qw)
         if tied is not None and tied[3] == bk and k % bk == 0:  # same bytes: view the table as B
             data, s, z, _ = tied
-            shape = _const(self.graph, target.name + "_tied_shape", np.array([n, k // bk, bk * bits // 8], np.int64))
+            shape = self._constant(target, target.name + "_tied_shape",
+                                   ir.tensor(np.array([n, k // bk, bk * bits // 8], np.int64)))
             reshape = ir.node("Reshape", [data, shape], name=target.name + "_tied_B")
-            self.graph.insert_before(target.node, reshape)
+            target.node.graph.insert_before(target.node, reshape)
             b, nbytes = reshape.outputs[0], 0
         else:
             blob = pack_matmulnbits(np.ascontiguousarray(qw.codes.T), bits, bk)
-            (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
+            (b, s, z), nbytes = self._register(target, key, target.chain.root.name or target.name,
                                                [ir.tensor(blob), ir.tensor(scales), zp])
         bias = self._folded_bias(target)
         inputs = [target.node.inputs[0], b, s, z]
@@ -213,8 +248,8 @@ class MatMulNBitsEmitter(Emitter):
                                     "accuracy_level": self.config.accuracy_level},
             domain=MS_DOMAIN, name=target.name + "_MatMulNBits",
         )
-        self.model.opset_imports.setdefault(MS_DOMAIN, 1)
-        _replace_node(self.graph, target.node, [node], node.outputs[0])
+        self._use_domain(target, MS_DOMAIN)
+        _replace_node(target.node.graph, target.node, [node], node.outputs[0])
         return nbytes
 
     def _emit_gather(self, target: Target, qw: QuantizedWeight) -> int:
@@ -228,7 +263,7 @@ class MatMulNBitsEmitter(Emitter):
         scales = resample_blocks(qw.qparams.scale, qw.qparams, (rows, hidden), 1, bk)
         data = pack_matmulnbits_zero_points(qw.codes, bits)  # same row packing: low bits first
         (d, s, z), nbytes = self._register(
-            target.chain.key + ("gather",), target.chain.root.name or target.name,
+            target, target.chain.key + ("gather",), target.chain.root.name or target.name,
             [ir.tensor(data), ir.tensor(scales.astype(_float_dtype(target))), zp],
         )
         self._remember_table(target, qw, (d, s, z, bk))
@@ -236,8 +271,8 @@ class MatMulNBitsEmitter(Emitter):
         node = ir.node("GatherBlockQuantized", inputs,
                        {"bits": bits, "block_size": bk, "gather_axis": 0, "quantize_axis": 1},
                        domain=MS_DOMAIN, name=target.name + "_GatherBlockQuantized")
-        self.model.opset_imports.setdefault(MS_DOMAIN, 1)
-        _replace_node(self.graph, target.node, [node], node.outputs[0])
+        self._use_domain(target, MS_DOMAIN)
+        _replace_node(target.node.graph, target.node, [node], node.outputs[0])
         return nbytes
 
 
@@ -255,7 +290,7 @@ class QDQEmitter(Emitter):
             weight = tied
             if not target.transposed:
                 tr = ir.node("Transpose", [tied], {"perm": [1, 0]}, name=target.name + "_tied_T")
-                self.graph.insert_before(target.node, tr)
+                target.node.graph.insert_before(target.node, tr)
                 weight = tr.outputs[0]
             target.node.replace_input_with(target.input_index, weight)
             return 0
@@ -278,11 +313,14 @@ class QDQEmitter(Emitter):
             z = None if sym else ir.tensor(np.asarray(zero).astype(np_t))
         key = target.chain.key + (target.transposed,)
         (qv, sv, zv), nbytes = self._register(
-            key, target.chain.root.name or target.name, [q, ir.tensor(np.asarray(scale, dtype=dtype)), z]
+            target, key, target.chain.root.name or target.name, [q, ir.tensor(np.asarray(scale, dtype=dtype)), z]
         )
         dq = ir.node("DequantizeLinear", [qv, sv, zv] if zv is not None else [qv, sv], attrs,
                      name=target.name + "_DequantizeLinear")
-        self.graph.insert_before(target.node, dq)
+        target.node.graph.insert_before(target.node, dq)
+        function = self._functions.get(id(target.node.graph))
+        if function is not None:  # the function's ops follow the model's (upgraded) opset
+            function.opset_imports[""] = max(function.opset_imports.get("", 1), self.model.opset_imports.get("", 1))
         target.node.replace_input_with(target.input_index, dq.outputs[0])
         if target.kind == "gather":
             self._remember_table(target, qw, dq.outputs[0])

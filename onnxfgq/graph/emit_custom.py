@@ -42,7 +42,7 @@ class CustomOpEmitter(MatMulNBitsEmitter):
         zp = None if zp_nb is None else ir.tensor(zp_nb.astype(np.uint8))
         packed = pack_bitstream(np.ascontiguousarray(qw.codes.T), bits)
         key = target.chain.key + (target.transposed,)
-        (b, s, z), nbytes = self._register(key, target.chain.root.name or target.name,
+        (b, s, z), nbytes = self._register(target, key, target.chain.root.name or target.name,
                                            [ir.tensor(packed), ir.tensor(scales), zp])
         bias = self._folded_bias(target)
         inputs = [target.node.inputs[0], b, s, z]
@@ -53,6 +53,6 @@ class CustomOpEmitter(MatMulNBitsEmitter):
             inputs.pop()
         node = ir.node(ops.OP_TYPE, inputs, {"K": k, "N": n, "bits": bits, "block_size": bk},
                        domain=ops.DOMAIN, name=target.name + "_" + ops.OP_TYPE)
-        self.model.opset_imports.setdefault(ops.DOMAIN, ops.OPSET_VERSION)
-        _replace_node(self.graph, target.node, [node], node.outputs[0])
+        self._use_domain(target, ops.DOMAIN, ops.OPSET_VERSION)
+        _replace_node(target.node.graph, target.node, [node], node.outputs[0])
         return nbytes

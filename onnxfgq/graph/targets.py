@@ -82,6 +82,7 @@ class Target:
     chain: ConstantChain
     kind: str  # "matmul" | "gather" | "conv"
     transposed: bool = False  # Gemm transB=1: the node sees W as [N, K]
+    scope: str = "graph"  # "graph" (main graph), "body" (If/Loop/Scan body), "function" (model-local)
     shape_kn: tuple[int, int] = (0, 0)
     skip_reason: str | None = None
     extra: dict = field(default_factory=dict)
@@ -174,17 +175,35 @@ def is_float(chain: ConstantChain) -> bool:
     return chain.tensor.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
-def find_targets(graph: ir.Graph, selection: Selection) -> Iterator[Target]:
-    """Targets in graph order, with ``skip_reason`` set on those the selection or shape rules out."""
+def scoped_nodes(model_or_graph: ir.Model | ir.Graph) -> Iterator[tuple[ir.Node, str]]:
+    """(node, scope) over the main graph, then its control-flow bodies (any depth), then the graphs
+    of model-local functions (given a model) and their bodies."""
+    graph = model_or_graph.graph if isinstance(model_or_graph, ir.Model) else model_or_graph
+    yield from ((n, "graph") for n in graph)
+    for body in graph.subgraphs():
+        yield from ((n, "body") for n in body)
+    if isinstance(model_or_graph, ir.Model):
+        for function in model_or_graph.functions.values():
+            yield from ((n, "function") for n in function.graph)
+            for body in function.graph.subgraphs():
+                yield from ((n, "function-body") for n in body)
+
+
+def find_targets(model_or_graph: ir.Model | ir.Graph, selection: Selection) -> Iterator[Target]:
+    """Targets in graph order (main graph, control-flow bodies, then model-local functions when given
+    a model), with ``skip_reason`` set on those the selection or shape rules out."""
     include = [re.compile(p) for p in selection.include]
     exclude = [re.compile(p) for p in selection.exclude]
     kinds = set(selection.op_types) | ({"Gather"} if selection.quantize_embeddings else set())
-    for node in graph:
+    for node, scope in scoped_nodes(model_or_graph):
         if node.op_type not in kinds:
             continue
         t = _classify(node)
         if t is None:
             continue
+        t.scope = scope
+        if scope == "function-body":
+            t.skip_reason = "inside a control-flow body of a model-local function"
         if t.skip_reason is None:
             t.skip_reason = _selection_problem(t, selection, include, exclude)
         yield t
