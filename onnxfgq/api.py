@@ -174,8 +174,11 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         if t.skip_reason is not None:
             report.layers.append(_layer(t, "skipped", reason=t.skip_reason))
 
-    def rtn(t: Target) -> tuple[QuantizedWeight, float]:
+    def rtn(t: Target) -> tuple[QuantizedWeight | None, float | str]:
         w = t.weight()
+        bad = _nonfinite(w)
+        if bad:
+            return None, bad
         red, chan = t.quant_axes
         bits = roles.bits_for(t, wc.bits)
         qw = make_quantizer("rtn").solve(w, QuantSpec(bits, wc.block_shape(w.shape, red, chan),
@@ -187,16 +190,25 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     distinct = {_key(t): t for t in reversed(todo)}
     plain = [t for t in todo if distinct[_key(t)] is t and not (plan is not None and plan.covers(t))]
     ahead = _run_ahead(rtn, plain)
+    refused: dict[tuple, str] = {}  # weights holding NaN/Inf stay float, with the reason
     for t in progress(todo, len(todo), "quantizing"):
         key = _key(t)
         shared = key in solved
         planned = plan is not None and plan.covers(t)
         if not shared and planned:
             w = t.weight()
-            solved[key] = qw = plan.solve(t, w)
-            weight_sqnr[key] = sqnr_db(w, plan.effective(t, qw))
+            if _nonfinite(w):
+                refused[key], solved[key] = _nonfinite(w), None
+            else:
+                solved[key] = qw = plan.solve(t, w)
+                weight_sqnr[key] = sqnr_db(w, plan.effective(t, qw))
         elif not shared:
             solved[key], weight_sqnr[key] = next(ahead)
+            if solved[key] is None:
+                refused[key] = weight_sqnr.pop(key)
+        if key in refused:
+            report.layers.append(_layer(t, "skipped", reason=refused[key]))
+            continue
         qw = solved[key]
         nbytes = emitter.emit(t, qw)
         layer = _layer(t, "shared" if shared else "quantized", bits=qw.bits,
@@ -220,6 +232,12 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     sanity.unique_node_names(ir_model)  # emitted names derive from node names
     report.seconds = time.perf_counter() - started
     return QuantizeResult(ir_model, report)
+
+
+def _nonfinite(w: np.ndarray) -> str | None:
+    """Why a weight cannot be quantized honestly (NaN/Inf values), or None."""
+    bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    return f"weight has {bad} non-finite values (NaN/Inf): kept float" if bad else None
 
 
 def _key(t: Target) -> tuple:

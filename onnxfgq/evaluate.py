@@ -30,6 +30,10 @@ class OutputAgreement:
 
     Rows are the last axis of each output: cosine per row (mean and min), SQNR over everything,
     and top-1 agreement of the row argmax when rows have more than one element.
+
+    Honest on degenerate outputs: a non-finite value (NaN/Inf, in either model) makes every metric
+    NaN and is counted (``nonfinite_reference`` / ``nonfinite_candidate``), never read as agreement;
+    a zero row agrees (cosine 1) only with a zero row; identical outputs have SQNR inf.
     """
 
     def __init__(self) -> None:
@@ -39,30 +43,54 @@ class OutputAgreement:
         self.signal = 0.0
         self.noise = 0.0
         self.top1 = 0
+        self.nonfinite_ref = 0
+        self.nonfinite_out = 0
         self.unit_rows = True  # embeddings (unit-norm rows): argmax agreement means nothing there
 
     def update(self, ref: np.ndarray, out: np.ndarray) -> None:
         r = np.asarray(ref, np.float64).reshape(-1, ref.shape[-1] if ref.ndim else 1)
         o = np.asarray(out, np.float64).reshape(r.shape)
-        denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
-        cos = np.where(denom > 0, (r * o).sum(1) / np.maximum(denom, 1e-300), 1.0)
-        self.rows += len(cos)
+        self.nonfinite_ref += int(r.size - np.count_nonzero(np.isfinite(r)))
+        self.nonfinite_out += int(o.size - np.count_nonzero(np.isfinite(o)))
+        self.rows += r.shape[0]
+        if self.nonfinite_ref or self.nonfinite_out:
+            return  # the metrics are NaN from here on; only the counts still matter
+        nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
+        denom = nr * no
+        both_zero = (nr == 0) & (no == 0)
+        cos = np.where(denom > 0, (r * o).sum(1) / np.where(denom > 0, denom, 1.0), np.where(both_zero, 1.0, 0.0))
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min()))
         self.signal += float((r * r).sum())
         self.noise += float(((r - o) ** 2).sum())
-        self.unit_rows &= bool(np.allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-3))
+        self.unit_rows &= bool(np.allclose(nr, 1.0, atol=1e-3))
         if r.shape[1] > 1:
             self.top1 += int((r.argmax(1) == o.argmax(1)).sum())
 
+    @property
+    def finite(self) -> bool:
+        return not (self.nonfinite_ref or self.nonfinite_out)
+
+    def _sqnr(self) -> float:
+        if self.noise == 0:
+            return float("inf")  # identical (finite) outputs
+        if self.signal == 0:
+            return float("-inf")
+        return float(10 * np.log10(self.signal / self.noise))
+
     def metrics(self, with_top1: bool) -> dict[str, float]:
+        nan = float("nan")
+        ok = self.finite and self.rows > 0
         m = {
-            "cosine_mean": self.cos_sum / max(self.rows, 1),
-            "cosine_min": self.cos_min,
-            "sqnr_db": 10 * np.log10(self.signal / self.noise) if self.noise > 0 else float("inf"),
+            "cosine_mean": self.cos_sum / self.rows if ok else nan,
+            "cosine_min": self.cos_min if ok else nan,
+            "sqnr_db": self._sqnr() if ok else nan,
         }
         if with_top1 and not self.unit_rows:
-            m["top1_agreement"] = self.top1 / max(self.rows, 1)
+            m["top1_agreement"] = self.top1 / self.rows if ok else nan
+        if not self.finite:
+            m["nonfinite_reference"] = self.nonfinite_ref
+            m["nonfinite_candidate"] = self.nonfinite_out
         return m
 
 

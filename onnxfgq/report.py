@@ -56,6 +56,8 @@ class Report:
         return [layer for layer in self.layers if layer.status != "skipped"]
 
     def to_json(self) -> str:
+        """The report as JSON. Non-finite numbers (a NaN cosine, an inf SQNR) are written as the
+        strings "nan", "inf" and "-inf", so the file stays valid JSON (bare NaN is not)."""
         def clean(o):
             if isinstance(o, float) and not math.isfinite(o):
                 return str(o)
@@ -73,6 +75,29 @@ class Report:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def size_change(before: int, after: int) -> str:
+    """"3.71x smaller", or "12% larger" when the output grew (small models: scales, new nodes)."""
+    if after <= 0 or before <= 0:
+        return "size not measured"
+    if after <= before:
+        return f"{before / after:.2f}x smaller"
+    return f"{100 * (after - before) / before:.0f}% larger"
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``cosine_mean 0.9912, sqnr_db 21.3000``; counts as integers, NaN as ``nan``."""
+    return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def nonfinite_note(metrics: dict[str, float]) -> str | None:
+    """A warning when the outputs held NaN/Inf (then every agreement metric is nan)."""
+    ref, cand = metrics.get("nonfinite_reference", 0), metrics.get("nonfinite_candidate", 0)
+    if not (ref or cand):
+        return None
+    return (f"the outputs hold non-finite values ({cand} in the quantized model, {ref} in the reference): "
+            "agreement cannot be measured, so the metrics are nan")
 
 
 def render(report: Report, console) -> None:
@@ -98,7 +123,7 @@ def render(report: Report, console) -> None:
     console.print(
         f"[bold]{len(q)} of {len(report.layers)} weight nodes quantized[/]; "
         f"size {_mb(report.size_before)} -> {_mb(report.size_after)} "
-        f"({report.size_before / max(report.size_after, 1):.2f}x smaller); "
+        f"({size_change(report.size_before, report.size_after)}); "
         f"mean weight SQNR {sum(sq) / len(sq):.1f} dB; {report.seconds:.2f} s"
         if sq else f"{len(q)} weight nodes quantized; {report.seconds:.2f} s"
     )
@@ -107,5 +132,8 @@ def render(report: Report, console) -> None:
         console.print(f"average {bpw:.3f} bits per quantized weight (scales and zero points included)")
     if report.accuracy:
         acc = report.accuracy
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in acc.metrics.items())
-        console.print(f"[bold]accuracy vs FP32[/] on {acc.samples} samples of {acc.data}: {metrics}")
+        console.print(f"[bold]accuracy vs FP32[/] on {acc.samples} samples of {acc.data}: "
+                      f"{format_metrics(acc.metrics)}")
+        note = nonfinite_note(acc.metrics)
+        if note:
+            console.print(f"[bold red]warning:[/] {note}")

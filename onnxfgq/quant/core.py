@@ -141,6 +141,15 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
         e = r - approx[start:start + step]
         noise += float(np.vdot(e, e))
         signal += float(np.vdot(r, r))
+    if not (np.isfinite(noise) and np.isfinite(signal)):  # float32 squares overflow past ~1.8e19
+        noise = signal = 0.0
+        for start in range(0, ref.size, step):
+            r = ref[start:start + step].astype(np.float64)
+            e = r - approx[start:start + step]
+            noise += float(np.vdot(e, e))
+            signal += float(np.vdot(r, r))
+        if not (np.isfinite(noise) and np.isfinite(signal)):
+            return float("nan")  # NaN/Inf in the data: no ratio to report
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
