@@ -34,6 +34,7 @@ from onnxfgq.algorithms.gptq import GPTQ
 from onnxfgq.algorithms.mixed import allocate
 from onnxfgq.algorithms.rtn import RTN
 from onnxfgq.algorithms.stats import ActivationStats, output_error, weight_error
+from onnxfgq.calibration.feeds import FeedOptions
 from onnxfgq.config import Granularity, OutputFormat, WeightConfig
 from onnxfgq.graph.targets import Target
 from onnxfgq.quant import compute_qparams, dequantize, quantize
@@ -76,6 +77,7 @@ class Sequential:
     readers: dict[str, list[tuple]]  # tensor name -> weight keys reading it
     done: set[str] = field(default_factory=set)
     passes: int = 0
+    feeds: FeedOptions | None = None
 
 
 @dataclass
@@ -94,7 +96,7 @@ class Plan:
         if seq is None or name in seq.done or name not in seq.readers:
             return
         chunk = next(c for c in seq.chunks if name in c)
-        stats, _ = collect_stats(seq.model, chunk, seq.wc, seq.progress)
+        stats, _ = collect_stats(seq.model, chunk, seq.wc, seq.progress, seq.feeds)
         for tensor in chunk:
             for key in seq.readers[tensor]:
                 p = self.weights[key]
@@ -129,23 +131,57 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------- statistics
 def _mask_input(model: ir.Model) -> str | None:
-    for v in model.graph.inputs:
-        if "mask" in (v.name or "").lower():
-            return v.name
+    from onnxfgq.calibration.feeds import Role, input_specs
+
+    return next((s.name for s in input_specs(model) if s.role is Role.MASK), None)
+
+
+def _token_mask(m: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+    """The attention mask ``m`` ([batch, past + sequence]) over the rows of activation ``x``
+    ([batch, sequence, K] or flattened [batch * sequence, K]); None when they do not line up."""
+    if m.ndim != 2:
+        return None
+    if x.ndim == 3 and x.shape[0] == m.shape[0] and x.shape[1] <= m.shape[1]:
+        return m[:, m.shape[1] - x.shape[1]:]  # a KV-cache model's mask also covers the past
+    if x.ndim == 2 and x.shape[0] == m.size:
+        return m.reshape(-1, 1)
     return None
 
 
-def collect_stats(model: ir.Model, values: Sequence[str], wc: WeightConfig,
-                  progress: Progress) -> tuple[dict[str, ActivationStats], int]:
-    """``{tensor name: ActivationStats}`` over the calibration data, and the number of samples."""
-    from onnxfgq.calibration.collect import Collector
+@dataclass
+class Calibration:
+    """What a calibration pass used: batches, samples and how the feeds were made."""
+
+    batches: int = 0
+    samples: int = 0
+    feeds: str = ""
+
+    def note(self, spec: str, rows: int) -> str:
+        what = f"; {self.feeds}" if self.feeds else ""
+        return (f"calibrated on {spec}: {self.samples} samples in {self.batches} batches, {rows} token rows "
+                f"per input{what}")
+
+
+def open_calibration_source(model: ir.Model, wc: WeightConfig, feeds: FeedOptions | None, *,
+                            num_samples: int | None = None, batch_size: int | None = None):
     from onnxfgq.calibration.sources import open_source
 
-    reader = open_source(wc.calibration, model, num_samples=wc.calibration_samples,
-                         batch_size=wc.calibration_batch_size)
+    return open_source(wc.calibration, model, num_samples=num_samples or wc.calibration_samples,
+                       batch_size=batch_size or wc.calibration_batch_size, options=feeds or FeedOptions(),
+                       option="--calibration")
+
+
+def collect_stats(model: ir.Model, values: Sequence[str], wc: WeightConfig, progress: Progress,
+                  feeds: FeedOptions | None = None) -> tuple[dict[str, ActivationStats], Calibration]:
+    """``{tensor name: ActivationStats}`` over the calibration data, and what the pass used.
+    ``feeds`` carries --dim, --tokenizer and the model's folder to the data source."""
+    from onnxfgq.calibration.collect import Collector
+
+    reader = open_calibration_source(model, wc, feeds)
     stats = {name: ActivationStats() for name in values}
     mask_name = _mask_input(model)
     current: dict[str, np.ndarray | None] = {"mask": None}
+    counted = {"samples": 0}
 
     def keep_mask(m: np.ndarray) -> None:
         current["mask"] = np.asarray(m) != 0
@@ -153,13 +189,16 @@ def collect_stats(model: ir.Model, values: Sequence[str], wc: WeightConfig,
     def sink_for(st: ActivationStats):
         def sink(x: np.ndarray) -> None:
             m = current["mask"]
-            if m is not None and x.ndim == 3 and x.shape[:2] == m.shape:
+            m = _token_mask(m, x) if m is not None else None
+            if m is not None and x.ndim == 3:
                 # real tokens only, and every sample weighs the same whatever its length
                 lengths = np.maximum(m.sum(1, keepdims=True), 1)
-                weights = np.broadcast_to(m.shape[1] / lengths, m.shape)[m] * (m.mean())
+                weights = np.broadcast_to(m.shape[1] / lengths, m.shape)[m] * m.mean()
                 st.update(x[m], weights)
-                return
-            st.update(x)
+            elif m is not None:  # rows flattened to [batch * sequence, K]: real tokens only
+                st.update(x[m[:, 0]])
+            else:
+                st.update(x)
         return sink
 
     names = ([mask_name] if mask_name else []) + list(values)
@@ -167,9 +206,24 @@ def collect_stats(model: ir.Model, values: Sequence[str], wc: WeightConfig,
     if mask_name:
         sinks[mask_name] = [keep_mask] + sinks.get(mask_name, [])
     collector = Collector(model, names)  # the mask comes first in every batch, then the tensors
-    batches = collector.run(reader, sinks, progress=progress,
-                            total=-(-wc.calibration_samples // wc.calibration_batch_size))
-    return stats, batches
+    batch = getattr(reader, "fixed_batch", None) or wc.calibration_batch_size
+    batches = collector.run(_Counting(reader, counted), sinks, progress=progress,
+                            total=-(-wc.calibration_samples // batch))
+    return stats, Calibration(batches, counted["samples"], getattr(reader, "description", ""))
+
+
+class _Counting:
+    """Passes feeds through, adding each feed's batch (axis 0 of its first input) to ``counts``."""
+
+    def __init__(self, reader, counts: dict):
+        self.reader, self.counts = reader, counts
+
+    def get_next(self):
+        feed = self.reader.get_next()
+        if feed:
+            first = next(iter(feed.values()))
+            self.counts["samples"] += int(first.shape[0]) if np.ndim(first) else 1
+        return feed
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -218,8 +272,9 @@ def _solver(wc: WeightConfig, stats: ActivationStats | None):
 
 
 def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, fmt: OutputFormat,
-                 progress: Progress) -> Plan:
-    """Statistics, AWQ graph edits and per-weight decisions for the MatMul/Gemm ``targets``."""
+                 progress: Progress, feeds: FeedOptions | None = None) -> Plan:
+    """Statistics, AWQ graph edits and per-weight decisions for the MatMul/Gemm ``targets``;
+    ``feeds`` (--dim, --tokenizer, the model's folder) reaches every calibration source."""
     from onnxfgq.graph.awq_fold import apply_input_scale
 
     plan = Plan()
@@ -246,10 +301,10 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
             bounded = _chunked(model, by_key, readers, max_bytes=GRAM_BUDGET_BYTES, kdim=kdim)
             names = bounded.chunks[0]
             plan.notes.append(f"statistics of {need / 2**30:.1f} GiB: collected in {len(bounded.chunks)} passes")
-        stats, batches = collect_stats(model, names, wc, progress)
+        stats, used = collect_stats(model, names, wc, progress, feeds)
         rows = round(max((s.rows for s in stats.values()), default=0))
         plan.calibration_rows = rows
-        plan.notes.append(f"calibrated on {wc.calibration} ({batches} batches, {rows} token rows per input)")
+        plan.notes.append(used.note(wc.calibration, rows))
 
     awq_scale: dict[tuple, np.ndarray] = {}
     awq_note: dict[tuple, str] = {}
@@ -286,7 +341,7 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
             w = w * awq_scale[key][:, None]
         options.append(_choices(w, wc, fmt, input_stats[key], scale_bits))
     if wc.target_bits > 0 and wc.calibration:
-        options = _measured(model, wc, [by_key[k] for k in keys], options, awq_scale, keys, plan)
+        options = _measured(model, wc, [by_key[k] for k in keys], options, awq_scale, keys, plan, feeds)
     if wc.target_bits > 0:
         sizes = [by_key[k].shape_kn[0] * by_key[k].shape_kn[1] for k in keys]
         picks = allocate(options, sizes, wc.target_bits)
@@ -302,13 +357,15 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         plan.weights[key] = WeightPlan(pick.spec, _solver(wc, st), wc.algorithm.value, st,
                                        awq_scale.get(key), awq_note.get(key, ""), pick.error)
     if bounded is not None:
-        bounded.model, bounded.wc, bounded.progress = model, wc, progress
+        bounded.model, bounded.wc, bounded.progress, bounded.feeds = model, wc, progress, feeds
         plan.sequential = bounded
     elif "gptq" in wc.algorithm.parts and wc.gptq_sequential and wc.calibration:
         if fmt is OutputFormat.CUSTOM:  # the collector's onnxruntime session has no custom ops
             plan.notes.append("sequential GPTQ needs a stock onnxruntime op format; inputs come from the float model")
         else:
             plan.sequential = _sequential(model, wc, progress, by_key, readers)
+            if plan.sequential is not None:
+                plan.sequential.feeds = feeds
     return plan
 
 
@@ -316,12 +373,12 @@ PROBE_SAMPLES = 16  # calibration samples each sensitivity probe runs on
 
 
 def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options: list[list[Choice]],
-              awq_scale: dict, keys: list[tuple], plan: Plan) -> list[list[Choice]]:
+              awq_scale: dict, keys: list[tuple], plan: Plan, feeds: FeedOptions | None) -> list[list[Choice]]:
     """The options with their errors replaced by the measured end-to-end error (see sensitivity.py)."""
-    from onnxfgq.calibration.sources import iterate, open_source
+    from onnxfgq.calibration.sources import iterate
     from onnxfgq.sensitivity import probe_errors
 
-    reader = open_source(wc.calibration, model, num_samples=PROBE_SAMPLES, batch_size=PROBE_SAMPLES)
+    reader = open_calibration_source(model, wc, feeds, num_samples=PROBE_SAMPLES, batch_size=PROBE_SAMPLES)
     feed = next(iterate(reader), None)
     if feed is None:
         return options
@@ -334,7 +391,8 @@ def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options:
     if errors is None:
         plan.notes.append("sensitivity: weights are shared or computed; using per-layer output errors")
         return options
-    plan.notes.append(f"sensitivity measured end to end on {PROBE_SAMPLES} calibration samples "
+    probed = int(np.shape(next(iter(feed.values())))[0]) if feed and np.ndim(next(iter(feed.values()))) else 1
+    plan.notes.append(f"sensitivity measured end to end on {probed} calibration samples "
                       f"({sum(len(o) for o in options)} probes)")
     return [[Choice(c.spec, e, c.storage_bits) for c, e in zip(o, errs)] for o, errs in zip(options, errors)]
 

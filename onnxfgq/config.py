@@ -244,11 +244,27 @@ def _is_number(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class FeedConfig:
+    """How data sources build model inputs, for calibration and evaluation alike (see
+    ``onnxfgq.calibration.feeds``): ``--tokenizer``, ``--dim NAME=INT``, and the model's folder
+    (tokenizer, genai_config.json / config.json; ``quantize_file`` fills it in from the input path)."""
+
+    tokenizer: str = ""  # '' = the model's folder, then the text file's
+    dims: tuple[tuple[str, int], ...] = ()
+    model_dir: str = ""
+
+    def __post_init__(self) -> None:  # JSON gives lists, the CLI a dict: one canonical form
+        items = self.dims.items() if isinstance(self.dims, dict) else self.dims
+        object.__setattr__(self, "dims", tuple((str(k), int(v)) for k, v in items))
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     weights: WeightConfig = field(default_factory=WeightConfig)
     selection: Selection = field(default_factory=Selection)
     simplify: Simplify = Simplify.AUTO  # onnxsim before looking for weights
     activations: ActivationConfig | None = None  # None: weight-only; set: static int8 (weights + activations)
+    feeds: FeedConfig = field(default_factory=FeedConfig)  # --tokenizer, --dim: every data source
 
     def validate(self) -> None:
         self.weights.validate()
