@@ -256,13 +256,20 @@ def _quantize_folder(args, config: QuantizeConfig, external: bool | None) -> int
     """Folder mode (see onnxfgq.folders): the report and evaluation then use the model files."""
     from onnxfgq import folders
 
+    from onnxfgq.api import quantize_file
+    from onnxfgq.graph import io
+
     folder = folders.open_folder(args.model)
-    out = args.output or folders.default_output(args.model, config.weights.bits)
+    out = Path(args.output or folders.default_output(args.model, config.weights.bits))
     folders.check_output_folder(folder, out)
-    report = folders.quantize_folder(folder.root, out, config, progress=rich_progress, external=external)
+    if args.report:
+        io.check_writable(args.report, "--report")
     args.model, args.tokenizer = folder.model, args.tokenizer or folder.tokenizer
-    return _finish(args, report, Path(report.output_path),
-                   custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
+    # Evaluated inside the staged folder; the folder appears only after the report succeeded.
+    with folders.StagedFolder(folder, out) as staged:
+        report = quantize_file(folder.model, staged.path, config, progress=rich_progress, external=external)
+        folders.annotate(report, folder, out)
+        return _finish(args, report, staged, custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
 
 
 def _finish(args, report, out: Path, *, custom_ops: bool) -> int:
