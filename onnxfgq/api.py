@@ -218,7 +218,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         if planned:
             err = plan.output_error(t, t.weight(), qw)
             layer.output_sqnr_db = None if err is None else float(-10 * np.log10(max(err, 1e-30)))
-            layer.detail = "; ".join(x for x in (plan.weights[key].awq_note, qw.note) if x)
+            layer.detail = plan.weights[key].awq_note
         if not shared and t.kind == "matmul":
             layer.weight_bits = storage_bits_of(t, qw, fmt)
         layer.bytes_before = 0 if shared else int(t.chain.tensor.nbytes)

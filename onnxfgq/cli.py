@@ -11,6 +11,7 @@ from pathlib import Path
 from onnxfgq.config import (
     Algorithm,
     ConfigError,
+    FeedConfig,
     Granularity,
     LMHead,
     OutputFormat,
@@ -173,7 +174,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
                           min_elements=args.min_elements, quantize_embeddings=args.quantize_embeddings,
                           lm_head=LMHead(args.lm_head))
     _check_regexes(selection)
-    config = QuantizeConfig(weights=weights, selection=selection, simplify=Simplify(args.simplify))
+    config = QuantizeConfig(weights=weights, selection=selection, simplify=Simplify(args.simplify),
+                            feeds=FeedConfig(tokenizer=str(args.tokenizer or ""), dims=_dims(args.dim)))
     if getattr(args, "activations", None):
         config = dataclasses.replace(config, activations=activation_config_from_args(args))
     config.validate()
@@ -222,24 +224,41 @@ def _default_output(model: Path, config: QuantizeConfig) -> Path:
     return model.with_name(f"{model.stem}.{config.weights.bits}bit.onnx")
 
 
-def _evaluate(reference: Path, candidate: Path, args, custom_ops: bool):
+def _open_eval(reference: Path, args):
+    """The --eval-data reader on the reference model: the same source-opening function (and --dim,
+    --tokenizer, the model's folder) as calibration. Opened before any long work to check it."""
+    from onnxfgq.calibration.feeds import FeedOptions
     from onnxfgq.calibration.sources import open_source
-    from onnxfgq.evaluate import compare
     from onnxfgq.graph import io
+
+    if args.eval_samples < 1:
+        raise ConfigError("--eval-samples", f"must be >= 1, got {args.eval_samples}")
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size", f"must be >= 1, got {args.batch_size}")
+    reference = _model_file(reference)
+    options = FeedOptions(dims=_dims(args.dim), tokenizer=args.tokenizer, model_dir=Path(reference).resolve().parent)
+    return open_source(args.eval_data, io.load(reference), num_samples=args.eval_samples,
+                       batch_size=args.batch_size, options=options, option="--eval-data")
+
+
+def _evaluate(reference: Path, candidate: Path, args, custom_ops: bool):
+    from onnxfgq.evaluate import compare
     from onnxfgq.report import Accuracy
 
-    reader = open_source(args.eval_data, io.load(reference), num_samples=args.eval_samples,
-                         batch_size=args.batch_size, dims=_dims(args.dim), tokenizer=args.tokenizer)
-    total = -(-len(reader) // args.batch_size) if hasattr(reader, "__len__") else (
-        -(-args.eval_samples // args.batch_size) if args.eval_data == "random" else 0)
+    reader = getattr(args, "eval_reader", None) or _open_eval(reference, args)
+    batch = getattr(reader, "fixed_batch", None) or args.batch_size
+    total = -(-len(reader) // batch) if hasattr(reader, "__len__") else 0
     metrics, n = compare(reference, candidate, reader, custom_ops=custom_ops, progress=rich_progress, total=total)
-    return Accuracy(args.eval_data, n, metrics)
+    how = getattr(reader, "description", "")
+    return Accuracy(f"{args.eval_data} ({how})" if how else args.eval_data, n, metrics)
 
 
 def cmd_quantize(args) -> int:
     from onnxfgq.api import quantize_file
 
     config = config_from_args(args)
+    if not args.no_eval and not getattr(args, "perplexity", None):
+        args.eval_reader = _open_eval(args.model, args)  # a bad --eval-data fails now, not after the work
     if config.activations is not None:
         return _cmd_quantize_static(args, config)
     _dims(args.dim)  # validate before the long part
@@ -256,20 +275,13 @@ def _quantize_folder(args, config: QuantizeConfig, external: bool | None) -> int
     """Folder mode (see onnxfgq.folders): the report and evaluation then use the model files."""
     from onnxfgq import folders
 
-    from onnxfgq.api import quantize_file
-    from onnxfgq.graph import io
-
     folder = folders.open_folder(args.model)
-    out = Path(args.output or folders.default_output(args.model, config.weights.bits))
+    out = args.output or folders.default_output(args.model, config.weights.bits)
     folders.check_output_folder(folder, out)
-    if args.report:
-        io.check_writable(args.report, "--report")
+    report = folders.quantize_folder(folder.root, out, config, progress=rich_progress, external=external)
     args.model, args.tokenizer = folder.model, args.tokenizer or folder.tokenizer
-    # Evaluated inside the staged folder; the folder appears only after the report succeeded.
-    with folders.StagedFolder(folder, out) as staged:
-        report = quantize_file(folder.model, staged.path, config, progress=rich_progress, external=external)
-        folders.annotate(report, folder, out)
-        return _finish(args, report, staged, custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
+    return _finish(args, report, Path(report.output_path),
+                   custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
 
 
 def _finish(args, report, out: Path, *, custom_ops: bool) -> int:
