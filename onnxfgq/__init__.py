@@ -1,6 +1,5 @@
 """onnxfgq: fine-grained post-training quantization of ONNX models."""
 
-from onnxfgq.api import QuantizeResult, quantize
 from onnxfgq.config import (
     Algorithm,
     ConfigError,
@@ -24,3 +23,13 @@ __all__ = [
     "WeightConfig",
     "quantize",
 ]
+
+
+def __getattr__(name: str):
+    # The API (onnx, onnxruntime, numpy) loads on first use, so that `onnxfgq ...` reaches the CLI's
+    # signal handling in milliseconds: a Ctrl-C during start-up is then one line, not a traceback.
+    if name in ("quantize", "QuantizeResult"):
+        from onnxfgq import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'onnxfgq' has no attribute {name!r}")

@@ -35,6 +35,10 @@ ModelLike = str | os.PathLike | ir.Model | onnx.ModelProto
 Progress = Callable[[Iterable, int, str], Iterable]
 
 QDQ_OPSET = 21  # blocked DequantizeLinear and int4 types
+# MatMulNBits at accuracy_level 0 dequantizes to float; 4 quantizes activations to int8 per block (VNNI
+# dot products). Measured in onnxruntime-genai on CPU: docs/BENCHMARKS.md, "Speed defaults".
+CPU_SPEED_HINT = ("speed: for onnxruntime on CPU, --target cpu (symmetric, accuracy_level 4) decodes about 2x "
+                  "faster than accuracy_level 0")
 
 
 def _no_progress(items: Iterable, total: int, label: str) -> Iterable:
@@ -126,6 +130,8 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         report.notes.append(simplified.note)
     wc = config.weights
     fmt = wc.resolved_format()
+    if fmt is OutputFormat.MATMULNBITS and wc.accuracy_level != 4:
+        report.notes.append(CPU_SPEED_HINT)
     if fmt is OutputFormat.QDQ:
         note = passes.upgrade_opset(ir_model, QDQ_OPSET)
         if note:
@@ -218,7 +224,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         if planned:
             err = plan.output_error(t, t.weight(), qw)
             layer.output_sqnr_db = None if err is None else float(-10 * np.log10(max(err, 1e-30)))
-            layer.detail = plan.weights[key].awq_note
+            layer.detail = "; ".join(x for x in (plan.weights[key].awq_note, qw.note) if x)
         if not shared and t.kind == "matmul":
             layer.weight_bits = storage_bits_of(t, qw, fmt)
         layer.bytes_before = 0 if shared else int(t.chain.tensor.nbytes)

@@ -96,11 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--granularity", choices=[g.value for g in Granularity], default=None,
                    help="tensor, channel or group (default: group, or channel with --block-size 0)")
     sym = q.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=_W.symmetric)
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="zero point fixed at mid-range (default: asymmetric; symmetric with --target cpu)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
     q.add_argument("--format", choices=[f.value for f in OutputFormat], default=_W.format.value)
     q.add_argument("--algo", choices=[a.value for a in Algorithm], default=_W.algorithm.value)
-    q.add_argument("--accuracy-level", type=int, default=_W.accuracy_level, help="MatMulNBits accuracy_level")
+    q.add_argument("--accuracy-level", type=int, default=None,
+                   help=f"MatMulNBits accuracy_level (default {_W.accuracy_level}; 4 with --target cpu)")
+    q.add_argument("--target", choices=sorted(TARGETS), default=None,
+                   help="tune for a runtime: 'cpu' = symmetric + accuracy_level 4 (int8 activations in "
+                        "MatMulNBits: about 2x the decode speed of the default in onnxruntime-genai on CPU); "
+                        "explicit --asymmetric / --accuracy-level still win")
     q.add_argument("--op-types", default=",".join(_S.op_types), help="comma-separated op types to quantize")
     q.add_argument("--include", action="append", default=[], metavar="REGEX", help="only nodes whose name matches")
     q.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="skip nodes whose name matches")
@@ -164,8 +170,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         raise ConfigError("--block-size", "0 means per-channel; it cannot go with --granularity group")
     weights = WeightConfig(
         bits=args.bits, granularity=Granularity(granularity), block_size=args.block_size or _W.block_size,
-        symmetric=args.symmetric, algorithm=Algorithm(args.algo), format=OutputFormat(args.format),
-        accuracy_level=args.accuracy_level, **_calibrated_args(args),
+        symmetric=_target_value(args, "symmetric"), algorithm=Algorithm(args.algo), format=OutputFormat(args.format),
+        accuracy_level=_target_value(args, "accuracy_level"), **_calibrated_args(args),
     )
     op_types = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
     if not op_types:
@@ -180,6 +186,19 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         config = dataclasses.replace(config, activations=activation_config_from_args(args))
     config.validate()
     return config
+
+
+# --target presets: WeightConfig fields the named runtime is fastest with (measured in docs/BENCHMARKS.md,
+# "Speed defaults"); an explicit flag overrides its field.
+TARGETS = {"cpu": {"symmetric": True, "accuracy_level": 4}}
+
+
+def _target_value(args: argparse.Namespace, name: str):
+    value = getattr(args, name, None)
+    if value is not None:
+        return value
+    preset = TARGETS.get(getattr(args, "target", None) or "", {})
+    return preset.get(name, getattr(_W, name))
 
 
 def _weight_error_budget(text: str) -> float:
@@ -267,25 +286,105 @@ def cmd_quantize(args) -> int:
     if args.model.is_dir():
         return _quantize_folder(args, config, external)
     out = args.output or _default_output(args.model, config)
-    report = quantize_file(args.model, out, config, progress=rich_progress, external=external)
-    return _finish(args, report, out, custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
+    _check_outputs(args, out)
+    from onnxfgq.graph import io
+
+    with io.Staged(out) as staged:  # moved into place only after the evaluation and the report
+        report = quantize_file(args.model, staged.path, config, progress=rich_progress, external=external)
+        return _finish(args, report, staged, custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
+
+
+def _check_outputs(args, out: Path) -> None:
+    """The output and report paths, checked before any work."""
+    from onnxfgq.graph import io
+
+    model = io.load(args.model)
+    io.check_output_path(out, [args.model, *io.external_inputs(model)])
+    if args.report:
+        io.check_writable(args.report, "--report")
+        if args.report.absolute() in (out.absolute(), args.model.absolute()):
+            raise ConfigError("--report", f"{args.report} is the model or the output; give another path")
 
 
 def _quantize_folder(args, config: QuantizeConfig, external: bool | None) -> int:
     """Folder mode (see onnxfgq.folders): the report and evaluation then use the model files."""
     from onnxfgq import folders
 
+    from onnxfgq.api import quantize_file
+    from onnxfgq.graph import io
+
     folder = folders.open_folder(args.model)
-    out = args.output or folders.default_output(args.model, config.weights.bits)
+    out = Path(args.output or folders.default_output(args.model, config.weights.bits))
     folders.check_output_folder(folder, out)
-    report = folders.quantize_folder(folder.root, out, config, progress=rich_progress, external=external)
+    if args.report:
+        io.check_writable(args.report, "--report")
     args.model, args.tokenizer = folder.model, args.tokenizer or folder.tokenizer
-    return _finish(args, report, Path(report.output_path),
-                   custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
+    # Evaluated inside the staged folder; the folder appears only after the report succeeded.
+    with folders.StagedFolder(folder, out) as staged:
+        report = quantize_file(folder.model, staged.path, config, progress=rich_progress, external=external)
+        folders.annotate(report, folder, out)
+        return _finish(args, report, staged, custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
 
 
-def _finish(args, report, out: Path, *, custom_ops: bool) -> int:
-    """Accuracy against FP32 (unless --no-eval), the printed report, and --report JSON."""
+def _finish(args, report, out, *, custom_ops: bool) -> int:
+    """Accuracy against FP32 (unless --no-eval), the printed report, and --report JSON.
+
+    ``out`` is the written output, or an ``io.Staged`` one: that is evaluated where it is and moved into
+    place (with the report) only when everything else succeeded, so a failure leaves nothing behind."""
+    from onnxfgq.graph import io
+
+    if isinstance(out, io.Staged):
+        report.output_path = str(out.out)
+        return _finish_staged(args, report, out, custom_ops=custom_ops)
+    return _finish_written(args, report, out, custom_ops=custom_ops)
+
+
+class EvaluationError(OnnxfgqError):
+    """The accuracy report could not be computed."""
+
+
+def _one_line(exc: Exception, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text[:limit] or type(exc).__name__
+
+
+def _finish_staged(args, report, staged, *, custom_ops: bool) -> int:
+    import os
+
+    from onnxfgq.graph.io import pause_point
+    from onnxfgq.report import render
+
+    if not args.no_eval:
+        evaluate = _evaluate_lm if getattr(args, "perplexity", None) else _evaluate
+        try:
+            report.accuracy = evaluate(args.model, staged.path, args, custom_ops)
+        except (OnnxfgqError, ConfigError):
+            raise
+        except Exception as exc:  # onnxruntime refusing the feeds, a model it cannot run, ...
+            if args.debug:
+                raise
+            raise EvaluationError(f"the accuracy report failed, so nothing was written (--no-eval skips it): "
+                                  f"{type(exc).__name__}: {_one_line(exc)}") from exc
+    console = _console()
+    render(report, console)
+    pause_point("commit")
+    pending = None
+    try:
+        if args.report:
+            pending = args.report.with_name(f".{args.report.name}.onnxfgq-partial")
+            pending.write_text(report.to_json())
+        staged.commit()
+        if pending is not None:
+            os.replace(pending, args.report)
+            pending = None
+    finally:
+        if pending is not None:
+            pending.unlink(missing_ok=True)
+    console.print(f"wrote {staged.out}")
+    return 0
+
+
+def _finish_written(args, report, out: Path, *, custom_ops: bool) -> int:
     from onnxfgq.report import render
 
     if not args.no_eval:
@@ -380,8 +479,13 @@ def cmd_eval(args) -> int:
     args.reference, args.candidate = _model_file(args.reference), _model_file(args.candidate)
     custom = _uses_custom_ops(args.candidate)
     acc = (_evaluate_lm if args.perplexity else _evaluate)(args.reference, args.candidate, args, custom)
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in acc.metrics.items())
-    _console().print(f"{args.candidate} vs {args.reference} on {acc.samples} samples of {acc.data}: {metrics}")
+    from onnxfgq.report import format_metrics, nonfinite_note
+
+    console = _console()
+    console.print(f"{args.candidate} vs {args.reference} on {acc.samples} samples of {acc.data}: "
+                  f"{format_metrics(acc.metrics)}")
+    if nonfinite_note(acc.metrics):
+        console.print(f"warning: {nonfinite_note(acc.metrics)}")
     return 0
 
 
@@ -447,17 +551,24 @@ def _cmd_quantize_static(args, config: QuantizeConfig) -> int:
 
     _dims(args.dim)
     out = args.output or args.model.with_name(f"{args.model.stem}.{config.activations.dtype.value}.onnx")
+    _check_outputs(args, out)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
-    report = quantize_static_file(args.model, out, config, progress=rich_progress, external=external,
-                                  tokenizer=args.tokenizer, dims=_dims(args.dim))
-    return _finish(args, report, out, custom_ops=False)
+    from onnxfgq.graph import io
+
+    with io.Staged(out) as staged:  # moved into place only after the evaluation and the report
+        report = quantize_static_file(args.model, staged.path, config, progress=rich_progress, external=external,
+                                      tokenizer=args.tokenizer, dims=_dims(args.dim))
+        return _finish(args, report, staged, custom_ops=False)
 
 
 def cmd_calibrate(args) -> int:
     from onnxfgq.config import Simplify
     from onnxfgq.static import calibrate_file
 
+    from onnxfgq.graph import io
+
     act = activation_config_from_args(args)
+    io.check_writable(args.output, "-o")
     ranges = calibrate_file(args.model, args.output, act, progress=rich_progress, tokenizer=args.tokenizer,
                             dims=_dims(args.dim), simplify=Simplify.NEVER if args.no_simplify else Simplify.AUTO)
     _console().print(f"wrote {args.output}: ranges of {len(ranges.ranges)} tensors from {ranges.samples} samples "
@@ -481,7 +592,38 @@ def _add_calibrate_parser(sub) -> None:
     c.set_defaults(func=cmd_calibrate)
 
 
+def _raise_interrupted(signum, frame) -> None:
+    del frame
+    from onnxfgq.errors import Interrupted
+
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM and SIGINT become exceptions, so every temporary folder's `finally` runs (no leftovers).
+    import signal
+
+    from onnxfgq.errors import Interrupted
+
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        if debug:
+            raise
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+        print(f"onnxfgq: {'interrupted' if code == 130 else 'terminated'}; nothing was written", file=sys.stderr)
+        return code
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    from onnxfgq.graph.io import pause_point
+
+    pause_point("startup")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -491,16 +633,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"onnxfgq: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
+    except Exception as exc:
         from onnxfgq.ops import OpsLibraryError
 
-        if args.debug or not isinstance(exc, OpsLibraryError):
+        # onnxruntime refusing a model or its feeds (eval of models with different inputs, a reference
+        # it cannot run) is about the inputs, not a bug of ours: one line, like every other such error.
+        from_ort = type(exc).__module__.startswith("onnxruntime")
+        if args.debug or not (isinstance(exc, OpsLibraryError) or from_ort):
             raise
-        print(f"onnxfgq: error: {exc}", file=sys.stderr)
+        print(f"onnxfgq: error: {'onnxruntime: ' if from_ort else ''}{_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("onnxfgq: interrupted; no output was written", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ class ValidationError(OnnxfgqError):
     rewritten model fails the gate the input passed (a bug of ours; nothing is written then)."""
 
 
-class Interrupted(OnnxfgqError):
-    """SIGINT or SIGTERM arrived; ``exit_code`` is 128 + the signal number."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; ``exit_code`` is 128 + the signal number. A KeyboardInterrupt, so that
+    no ``except Exception`` swallows it, while every ``finally`` (temporary folders) still runs."""
 
     def __init__(self, signum: int):
         import signal

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxfgq.errors import ModelLoadError, OutputPathError
+from onnxfgq.graph import io
 
 GENAI_CONFIG = "genai_config.json"
 HF_CONFIG = "config.json"
@@ -82,55 +83,62 @@ def check_output_folder(folder: ModelFolder, out: Path) -> None:
         raise OutputPathError(f"{dst.parent}: output directory does not exist")
 
 
-def write_folder(folder: ModelFolder, out: Path, quantize_into) -> list[Path]:
-    """Copy the folder's other files and call ``quantize_into(tmp_model_path)`` inside a temporary
-    folder beside ``out``, then rename it to ``out``. Returns the model files written (under ``out``).
+class StagedFolder(io.Staged):
+    """The output folder, prepared in a hidden folder beside ``out``: ``path`` is where the quantized
+    model goes; ``commit()`` copies the folder's other files and renames the whole folder into place.
+    Leaving the ``with`` block without a commit (an error, an interrupt) removes everything."""
 
-    The model and the external data it reads are not copied: ``quantize_into`` writes their
-    quantized replacement (the model under its own name, so configs naming it stay valid)."""
-    from onnxfgq.graph import io
+    def __init__(self, folder: ModelFolder, out: str | os.PathLike):
+        super().__init__(out)
+        self.source = folder
 
-    check_output_folder(folder, out)
-    out = Path(out)
-    skip = {folder.model.resolve(), *io.external_inputs(io.load(folder.model))}
-    tmp = Path(tempfile.mkdtemp(prefix=f".onnxfgq-{out.name}-", dir=out.resolve().parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-        written = [Path(p) for p in quantize_into(tmp / folder.model.name)]
-        for entry in sorted(folder.root.iterdir()):
-            if entry.resolve() in skip or entry.name.startswith(".onnxfgq-"):
+    def __enter__(self) -> StagedFolder:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        check_output_folder(self.source, self.out)
+        self.folder = Path(tempfile.mkdtemp(prefix=f".onnxfgq-{self.out.name}-", dir=self.out.absolute().parent))
+        self.folder.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        return self
+
+    @property
+    def path(self) -> Path:
+        assert self.folder is not None, "use StagedFolder in a with block"
+        return self.folder / self.source.model.name
+
+    def commit(self) -> list[Path]:
+        """Copy the other files (not the float model and its external data), then rename the folder."""
+        tmp = self.folder
+        skip = {self.source.model.resolve(), *io.external_inputs(io.load(self.source.model))}
+        for entry in sorted(self.source.root.iterdir()):
+            if entry.resolve() in skip or entry.name.startswith(".onnxfgq-") or (tmp / entry.name).exists():
                 continue
             if entry.is_dir():
                 shutil.copytree(entry, tmp / entry.name, symlinks=False)
             else:
                 shutil.copy2(entry, tmp / entry.name)
-        if out.exists():  # an empty folder (checked above): rename replaces it
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return [out / p.relative_to(tmp) for p in written]
+        if self.out.exists():  # an empty folder (checked on entry): the rename replaces it
+            self.out.rmdir()
+        os.replace(tmp, self.out)
+        self.folder = None
+        return sorted(self.out.iterdir())
 
 
 def quantize_folder(root: Path, out: Path, config=None, *, progress=None, external: bool | None = None):
     """``api.quantize_file`` on the folder's model, writing the whole folder ``out``; returns the report
-    (paths name the folders; ``notes`` says which client the folder is for)."""
+    (paths name the model files; ``notes`` says which client the folder is for)."""
     from onnxfgq import api
 
     folder = open_folder(root)
     kwargs = {"progress": progress} if progress is not None else {}
-    reports = []
+    with StagedFolder(folder, out) as staged:
+        report = api.quantize_file(folder.model, staged.path, config, external=external, **kwargs)
+        staged.commit()
+    annotate(report, folder, Path(out))
+    return report
 
-    def quantize_into(path: Path) -> list[Path]:
-        reports.append(api.quantize_file(folder.model, path, config, external=external, **kwargs))
-        return [Path(reports[0].output_path)] + [p for p in path.parent.iterdir() if p.name == path.name + ".data"]
 
-    write_folder(folder, Path(out), quantize_into)
-    report = reports[0]
+def annotate(report, folder: ModelFolder, out: Path) -> None:
+    """Paths and the client note of a folder-mode report."""
     report.input_path, report.output_path = str(folder.model), str(Path(out) / folder.model.name)
     report.notes.append(describe(folder, Path(out)))
-    return report
 
 
 def _umask() -> int:
@@ -147,5 +155,5 @@ def describe(folder: ModelFolder, out: Path) -> str:
     return f"folder for {folder.client}: {out}/{folder.model.name} quantized, {files}"
 
 
-__all__ = ["ModelFolder", "check_output_folder", "default_output", "describe", "open_folder", "quantize_folder",
-           "write_folder"]
+__all__ = ["ModelFolder", "StagedFolder", "annotate", "check_output_folder", "default_output", "describe",
+           "open_folder", "quantize_folder"]

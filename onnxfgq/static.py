@@ -37,6 +37,7 @@ from onnxfgq.report import LayerReport, Report
 Progress = Callable[[Iterable, int, str], Iterable]
 ReaderFactory = Callable[[], CalibrationDataReader]
 STATIC_OPSET = 13  # per-channel DequantizeLinear
+FLOAT16_OPSET = 19  # QuantizeLinear/DequantizeLinear with float16 inputs and scales
 RANGES_FORMAT = "onnxfgq-ranges/1"
 OUTLIER_RATIO = 1e3  # a tensor whose extremes exceed its calibrated range this much is outlier-dominated
 
@@ -108,7 +109,8 @@ def prepare(model: ir.Model, simplify: Simplify = Simplify.AUTO) -> tuple[ir.Mod
         notes.append(result.note)
         bn_notes = fold_batchnorms(model)  # onnxsim may expose more; only what is still left is news
     notes += bn_notes
-    note = passes.upgrade_opset(model, STATIC_OPSET)
+    float16 = any(v.dtype == ir.DataType.FLOAT16 for v in (*model.graph.inputs, *model.graph.initializers.values()))
+    note = passes.upgrade_opset(model, FLOAT16_OPSET if float16 else STATIC_OPSET)
     if note:
         notes.append(note)
     return model, notes

@@ -45,7 +45,9 @@ def search_scale(weights: Sequence[np.ndarray], specs: Sequence[QuantSpec], stat
                  alphas: Sequence[float] = ALPHAS,
                  fake_quant: Callable[[np.ndarray, QuantSpec], np.ndarray] = _rtn) -> AWQScale:
     """The shared input-channel scale for ``weights`` (each ``[K, N_i]``) that read one tensor."""
-    h = stats.hessian().astype(np.float32)
+    h = stats.hessian()
+    peak = float(np.max(np.abs(np.diag(h)))) if h.size else 0.0
+    h = (h / peak if np.isfinite(peak) and peak > 0 else h).astype(np.float32)  # relative errors: scale-free
     salience = np.maximum(stats.mean_abs(), 1e-8)
     best: tuple[float, float, np.ndarray] | None = None
     rtn_error = float("nan")

@@ -27,6 +27,7 @@ class QuantSpec:
 class QuantizedWeight:
     codes: np.ndarray  # int32 [K, N], unsigned codes
     qparams: QParams  # per block of [K, N]
+    note: str = ""  # what the algorithm had to do differently (e.g. GPTQ's fallback to RTN), for the report
 
     @property
     def bits(self) -> int:

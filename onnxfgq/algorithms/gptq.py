@@ -22,6 +22,8 @@ from onnxfgq.algorithms.clip import search_qparams
 from onnxfgq.algorithms.stats import ActivationStats
 from onnxfgq.quant import QParams, compute_qparams, expand_blocks
 
+DAMPING_STEPS = (1, 10, 100, 1000, 10**4, 10**6)  # times the requested dampening, tried in order
+
 
 def _row_params(qp: QParams, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point expanded to every element of ``[K, N]`` (float32)."""
@@ -39,7 +41,7 @@ def _inverse_hessian_chol(h: np.ndarray, damp: float) -> np.ndarray:
     k = h.shape[0]
     ht = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float64))
     mean_diag = float(torch.diagonal(ht).mean()) or 1.0
-    for factor in (1, 10, 100, 1000):
+    for factor in DAMPING_STEPS:
         hd = ht + torch.eye(k, dtype=torch.float64) * (damp * factor * mean_diag)
         lower, info = torch.linalg.cholesky_ex(hd)
         if int(info) != 0:
@@ -50,7 +52,7 @@ def _inverse_hessian_chol(h: np.ndarray, damp: float) -> np.ndarray:
         upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
         if int(info) == 0:
             return upper.numpy()
-    raise np.linalg.LinAlgError("Hessian is not positive definite even with heavy dampening")
+    raise np.linalg.LinAlgError(f"the Hessian is not positive definite even with {DAMPING_STEPS[-1]}x dampening")
 
 
 def row_order(diag_h: np.ndarray, order: str, block: int) -> np.ndarray:
@@ -198,13 +200,33 @@ class GPTQ:
         self.stats.update(x)
 
     def solve(self, w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
+        """GPTQ on this weight; RTN (with a note saying why) when the Hessian is unusable."""
         h = self.stats.hessian()
+        if not np.all(np.isfinite(h)):
+            return _rtn(w, spec, "GPTQ fell back to RTN: the calibration inputs hold NaN/Inf")
+        # GPTQ is invariant to the scale of H; normalised, float32 copies of it (the Cholesky factor,
+        # refit) cannot overflow whatever the activations' magnitude.
+        scale = float(np.mean(np.diag(h)))
+        if scale > 0 and scale != 1.0:
+            h = h / scale
         order = "act" if self.act_order else "none"
         key = ("gptq", self.damp, order)
         if key not in self.stats.cache:  # q, k and v share one factorisation
-            self.stats.cache[key] = prepare(h, damp=self.damp, order=order)
+            try:
+                self.stats.cache[key] = prepare(h, damp=self.damp, order=order)
+            except np.linalg.LinAlgError as exc:
+                self.stats.cache[key] = str(exc)
+        if isinstance(self.stats.cache[key], str):
+            return _rtn(w, spec, f"GPTQ fell back to RTN: {self.stats.cache[key]}")
         q = gptq(w, h, spec, damp=self.damp, act_order=self.act_order, clip=self.clip,
                  prepared=self.stats.cache[key])
         if not self.refit:
             return q
         return QuantizedWeight(q.codes, refit_scales(w, h, q.codes, q.qparams))
+
+
+def _rtn(w: np.ndarray, spec: QuantSpec, note: str) -> QuantizedWeight:
+    from onnxfgq.algorithms.rtn import RTN
+
+    q = RTN().solve(w, spec)
+    return QuantizedWeight(q.codes, q.qparams, note)

@@ -22,13 +22,18 @@ class ActivationStats:
             k = x.shape[1]
             self.gram = np.zeros((k, k), np.float64)
             self.abs_sum = np.zeros(k, np.float64)
+        # X^T X in float32 overflows once |x| passes ~1e19 (and a sum of many rows sooner): scale the
+        # batch to max |x| = 1 for the float32 product and scale back in float64.
+        peak = float(np.max(np.abs(x))) if x.size else 0.0
+        m = peak if np.isfinite(peak) and peak > 0 else 1.0  # NaN/Inf inputs stay visible in the result
+        xs = x / np.float32(m) if m != 1.0 else x
         if weights is None:
-            self.gram += (x.T @ x).astype(np.float64)
+            self.gram += (xs.T @ xs).astype(np.float64) * (m * m)
             self.abs_sum += np.abs(x).sum(0, dtype=np.float64)
             self.rows += x.shape[0]
         else:
             wt = np.asarray(weights, np.float32).reshape(-1, 1)
-            self.gram += ((x * wt).T @ x).astype(np.float64)
+            self.gram += ((xs * wt).T @ xs).astype(np.float64) * (m * m)
             self.abs_sum += (np.abs(x) * wt).sum(0, dtype=np.float64)
             self.rows += float(wt.sum())
         self.cache.clear()

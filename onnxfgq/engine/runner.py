@@ -110,7 +110,7 @@ class ActivationCache:
     def put(self, name: str, batch: int, x: np.ndarray) -> None:
         path = self._path(name, batch)
         path.parent.mkdir(exist_ok=True)
-        np.save(path, np.ascontiguousarray(x))
+        np.save(path, x)
 
     def get(self, name: str, batch: int) -> np.ndarray:
         return np.load(self._path(name, batch), mmap_mode="r")
@@ -208,12 +208,16 @@ class BlockEngine:
         if not keys:
             return
         names = list(dict.fromkeys(t.node.inputs[0].name for key in keys for t in self.targets[key]))
-        sess = session(_with_outputs(block, names))
+        inner = [n for n in names if n not in block.inputs]  # the rest are read from the cache
+        sess = session(_with_outputs(block, inner)) if inner else None
         stats = {n: ActivationStats() for n in names}
-        for i in self.progress(range(self.cache.batches), self.cache.batches, f"block {block.index + 1}/{len(self.chain)}"):
+        label = f"block {block.index + 1}/{len(self.chain)}"
+        for i in self.progress(range(self.cache.batches), self.cache.batches, label):
             mask = self._mask(i)
-            for name, x in zip(names, sess.run(names, self._feed(block, i))):
-                _observe(stats[name], x, mask)
+            feed = self._feed(block, i)
+            values = dict(zip(inner, sess.run(inner, feed))) if sess is not None else {}
+            for name in names:
+                _observe(stats[name], values[name] if name in values else feed[name], mask)
         del sess
         for key in keys:
             p = plan.weights[key]
@@ -250,20 +254,20 @@ class BlockEngine:
 
 def plan_blockwise(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, fmt, progress: Progress,
                    feeds=None):
-    """A ``calibrated.Plan`` for ``targets`` whose statistics come block by block (module docstring).
-    None where the whole-model planner must do it: AWQ, adaptive or mixed layouts (they choose from
-    every layer's statistics at once), a weight shared by several blocks, or a graph that does not
-    cut into at least two blocks."""
+    """A ``calibrated.Plan`` for ``targets`` whose statistics come block by block (module docstring),
+    or the reason the whole-model planner must do it instead: AWQ, adaptive or mixed layouts (they
+    choose from every layer's statistics at once), a weight shared by several blocks, or a graph that
+    does not cut into at least two blocks."""
     from onnxfgq.calibrated import Plan, WeightPlan, _mask_input, open_calibration_source, weight_key
     from onnxfgq.calibration.sources import iterate
     from onnxfgq.config import Granularity
 
     del fmt  # blocks run with float weights standing for the quantized ones: any format works
     if "awq" in wc.algorithm.parts or wc.granularity is Granularity.ADAPTIVE or wc.target_bits > 0:
-        return None
+        return "AWQ, adaptive and mixed layouts choose from every layer's statistics at once"
     chain = partition(model)
     if len(chain) < 2:
-        return None
+        return chain.note
     mm = [t for t in targets if t.kind == "matmul"]
     owner: dict[str, int] = {}
     for b in chain.blocks:
@@ -277,7 +281,7 @@ def plan_blockwise(model: ir.Model, targets: Sequence[Target], wc: WeightConfig,
     for key, ts in by_key.items():
         blocks = {owner.get(t.node.outputs[0].name) for t in ts}
         if len(blocks) != 1 or None in blocks or len({t.node.inputs[0].name for t in ts}) != 1:
-            return None  # a weight shared across blocks or inputs: the whole-model path handles it
+            return f"weight of {ts[0].name} is shared by several blocks or inputs"
         block_of[key] = blocks.pop()
     plan = Plan()
     for key, ts in by_key.items():

@@ -76,8 +76,66 @@ def check_output_path(out: Path, inputs: list[Path]) -> None:
     for p in inputs:
         if p.exists() and data == p.resolve():
             raise OutputPathError(f"{data}: would overwrite the input's external data file")
-    if not out.parent.is_dir():
-        raise OutputPathError(f"{out.parent}: output directory does not exist")
+    check_writable(out, "-o")
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Refuse, before any work, a file path that cannot be written (a folder, a missing or read-only one)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path}: is a folder; give a file path")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: the folder {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{option} {path}: exists and is not writable")
+
+
+class Staged:
+    """An output prepared in a hidden folder beside ``out`` and moved into place only by ``commit()``.
+
+    ``path`` has ``out``'s file name, so external data written beside it keeps the name the model refers
+    to. Leaving the ``with`` block (error, SIGINT/SIGTERM raised as exceptions) removes the folder and
+    whatever was not committed."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.folder: Path | None = None
+
+    def __enter__(self) -> Staged:
+        self.folder = Path(tempfile.mkdtemp(prefix=".onnxfgq-", dir=self.out.absolute().parent))
+        return self
+
+    @property
+    def path(self) -> Path:
+        assert self.folder is not None, "use Staged in a with block"
+        return self.folder / self.out.name
+
+    def commit(self) -> list[Path]:
+        """Move the staged files into place (external data first, the model last); returns them."""
+        written = []
+        data = self.path.with_name(self.out.name + ".data")
+        if data.exists():
+            os.replace(data, self.out.with_name(data.name))
+            written.append(self.out.with_name(data.name))
+        os.replace(self.path, self.out)
+        return [self.out, *written]
+
+    def __exit__(self, *exc) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def pause_point(name: str) -> None:
+    """Test hook: with ONNXFGQ_TEST_PAUSE_AT=name, say so on stderr and wait (for a signal to arrive)."""
+    if os.environ.get("ONNXFGQ_TEST_PAUSE_AT") == name:
+        import sys
+        import time
+
+        print(f"onnxfgq-test: paused at {name}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("ONNXFGQ_TEST_PAUSE_SECONDS", "30")))
 
 
 def external_inputs(model: ir.Model) -> list[Path]:
@@ -104,6 +162,7 @@ def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = Non
             ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
         else:
             ir.save(model, tmp_model)
+        pause_point("save")
         if validate is not None:
             validate(tmp_model)
         written = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxfgq.graph import external
+from onnxfgq.graph import external, sanity
 
 
 def default_opset(model: ir.Model) -> int:
@@ -22,6 +22,7 @@ def upgrade_opset(model: ir.Model, target: int) -> str | None:
     # onnx's converter covers every op's adapter (onnxscript's skips e.g. ReduceL2's axes move).
     # Initializers are serialised as references where they are external, so this stays cheap.
     upgraded = external.rebuild(model, lambda proto: onnx.version_converter.convert_version(proto, target))
+    sanity.keep_io_shapes(model.graph, upgraded.graph)
     model.graph = upgraded.graph  # the graph carries the opset imports
     return f"upgraded the model's opset from {current} to {target}"
 

@@ -243,6 +243,11 @@ class WeightQuant:
     bias_scale: np.ndarray | None = None  # [C] float32
 
 
+def _float_type(value: ir.Value | None) -> type:
+    """numpy type of the scales for ``value``: float16 for a float16 tensor, else float32."""
+    return np.float16 if value is not None and value.dtype == ir.DataType.FLOAT16 else np.float32
+
+
 class _Builder:
     def __init__(self, graph: ir.Graph):
         self.graph = graph
@@ -263,7 +268,8 @@ class _Builder:
         if value.name in self.dq_of:
             return self.dq_of[value.name]
         np_dtype = np.uint8 if q.dtype == ir.DataType.UINT8 else np.int8
-        scale = self.initializer(f"{value.name}_scale", np.array(q.scale, dtype=np.float32))
+        # The scale has the type of the tensor quantized (float16 models: float16, opset >= 19).
+        scale = self.initializer(f"{value.name}_scale", np.array(q.scale, dtype=_float_type(value)))
         zp = self.initializer(f"{value.name}_zero_point", np.array(q.zero_point, dtype=np_dtype))
         qn = ir.node("QuantizeLinear", [value, scale, zp], name=f"{value.name}_QuantizeLinear")
         qn.outputs[0].name = f"{value.name}_quantized"
@@ -284,7 +290,7 @@ class _Builder:
     def weight_dq(self, node: ir.Node, index: int, base: str, codes: np.ndarray, scale: np.ndarray,
                   axis: int, dtype) -> None:
         c = self.initializer(f"{base}_quantized", codes.astype(dtype))
-        s = self.initializer(f"{base}_scale", scale.astype(np.float32))
+        s = self.initializer(f"{base}_scale", scale.astype(_float_type(node.inputs[index])))
         z = self.initializer(f"{base}_zero_point", np.zeros(scale.shape, dtype=dtype))
         attrs = {"axis": axis} if scale.ndim else {}
         dq = ir.node("DequantizeLinear", [c, s, z], attributes=attrs, name=f"{base}_DequantizeLinear")
@@ -323,5 +329,8 @@ def insert_qdq(model: ir.Model, units: Collection[Unit], tensors: Mapping[str, T
         wq = weights.get(u.name)
         if wq is not None and u.weight_index is not None:
             b.weight_dq(node, u.weight_index, f"{u.name}.weight", wq.codes, wq.scale, wq.axis, np.int8)
-            if wq.bias_codes is not None and u.bias_index is not None:
+            # An int32 bias with a float16 scale (activation scale x weight scale) would underflow:
+            # float16 models keep their float bias.
+            if wq.bias_codes is not None and u.bias_index is not None \
+                    and _float_type(node.inputs[u.bias_index]) == np.float32:
                 b.weight_dq(node, u.bias_index, f"{u.name}.bias", wq.bias_codes, wq.bias_scale, 0, np.int32)

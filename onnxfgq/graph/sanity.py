@@ -145,3 +145,12 @@ def unique_node_names(model: ir.Model) -> int:
         seen.add(node.name)
         renamed += 1
     return renamed
+
+
+def keep_io_shapes(before: ir.Graph, after: ir.Graph) -> None:
+    """Put back graph input/output shapes that a rebuild dropped. onnx's version converter drops a
+    declared shape it cannot re-infer (PP-OCRv5 rec declares its output as ``[]``), and onnx.checker
+    then refuses the graph for the missing field; the input declared it, so the output keeps it."""
+    for old, new in zip((*before.inputs, *before.outputs), (*after.inputs, *after.outputs)):
+        if new.shape is None and old.shape is not None and old.name == new.name:
+            new.shape = ir.Shape(old.shape)

@@ -58,7 +58,6 @@ def test_builder_folder_runs_in_genai(builder_fp32, tmp_path):
     assert (out / "genai_config.json").read_bytes() == (builder_fp32 / "genai_config.json").read_bytes()
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in m.graph.node) >= 5
-    assert any(json.loads(n)["model"] for n in [(out / "genai_config.json").read_text()])
     notes = json.loads((tmp_path / "r.json").read_text())["notes"]
     assert any("onnxruntime-genai" in n for n in notes)
     cfg = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
@@ -119,6 +118,12 @@ def test_refusals_leave_nothing(optimum_like, tmp_path):
     # a failure after the checks (nothing matches the selection): no output, no temporary folder
     proc = cli(optimum_like, "-o", tmp_path / "never", "--include", "no-such-node", "--no-eval", cwd=tmp_path)
     assert proc.returncode == 2 and "nothing to quantize" in proc.stderr
+    assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".onnxfgq-*"))
+    # a failure in the report after the work (text shorter than one window): still nothing written
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")
+    proc = cli(optimum_like, "-o", tmp_path / "never", "--perplexity", f"text:{short}", cwd=tmp_path)
+    assert proc.returncode == 2 and "fewer than one window" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".onnxfgq-*"))
 
 

@@ -184,12 +184,12 @@ def test_cwd_decoy_is_never_read(decoy_setup, tmp_path, mode):
 
 def test_api_ir_model_keeps_its_folder_after_chdir(decoy_setup, monkeypatch):
     """An ir.Model loaded from a relative path, quantized after the working directory changed."""
-    import onnxfgq
+    from onnxfgq.api import load_model
 
     model, cwd = decoy_setup
     monkeypatch.chdir(model.parent)
     loaded = ir.load("model.onnx")  # onnx_ir: base_dir "" (the cwd of now)
-    copy = onnxfgq.api.load_model(loaded)
+    copy = load_model(loaded)
     monkeypatch.chdir(cwd)
     w1 = next(v for v in copy.graph.initializers.values() if v.name == "w1").const_value.numpy()
     assert np.array_equal(w1, numpy_helper.to_array(onnx.load(str(model)).graph.initializer[0]))

@@ -1,0 +1,66 @@
+"""GPTQ never fails on the statistics it is given (issue 10, item 8): X^T X does not overflow on huge
+activations, and an unusable Hessian (NaN, not positive definite) falls back to RTN with a note."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxfgq.algorithms.base import QuantSpec
+from onnxfgq.algorithms.gptq import GPTQ
+from onnxfgq.algorithms.rtn import RTN
+from onnxfgq.algorithms.stats import ActivationStats, output_error
+
+SPEC = QuantSpec(4, (32, 1), False)
+
+
+def _layer(scale: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    k, n, rows = 96, 40, 512
+    x = (rng.standard_normal((rows, k)) @ rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    return x, x * np.float32(scale), w
+
+
+def test_hessian_of_huge_activations_is_finite_and_exact():
+    _, big, _ = _layer(1e25)  # float32 x^T x overflows past ~1e19
+    st = ActivationStats()
+    st.update(big[:256])
+    st.update(big[256:])
+    ref = big.astype(np.float64).T @ big.astype(np.float64) / len(big)
+    h = st.hessian()
+    assert np.all(np.isfinite(h))
+    assert np.abs(h - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_gptq_on_huge_activations_matches_gptq_on_normal_ones():
+    x, big, w = _layer(1e25)
+    normal, huge = ActivationStats(), ActivationStats()
+    normal.update(x)
+    huge.update(big)
+    q_normal, q_huge = GPTQ(normal).solve(w, SPEC), GPTQ(huge).solve(w, SPEC)
+    assert q_huge.note == ""
+    h = normal.hessian()
+    err_normal, err_huge = output_error(w, q_normal.dequantize(), h), output_error(w, q_huge.dequantize(), h)
+    assert abs(err_huge - err_normal) <= 0.05 * err_normal  # GPTQ is invariant to the scale of H
+    assert err_huge < output_error(w, RTN().solve(w, SPEC).dequantize(), h)
+
+
+def test_nan_activations_fall_back_to_rtn_with_a_note():
+    x, _, w = _layer(1.0)
+    x[3, 5] = np.nan
+    st = ActivationStats()
+    st.update(x)
+    q = GPTQ(st).solve(w, SPEC)
+    assert "fell back to RTN" in q.note and "NaN" in q.note
+    rtn = RTN().solve(w, SPEC)
+    assert np.array_equal(q.codes, rtn.codes)
+
+
+def test_not_positive_definite_falls_back_to_rtn():
+    _, _, w = _layer(1.0)
+    st = ActivationStats()
+    st.update(np.ones((4, 96), np.float32))
+    st.gram = -np.eye(96)  # no dampening makes this positive definite
+    q = GPTQ(st).solve(w, SPEC)
+    assert "not positive definite" in q.note
+    assert np.array_equal(q.codes, RTN().solve(w, SPEC).codes)
