@@ -307,10 +307,14 @@ def quantize_file(
     io.check_output_path(output_path, input_files)
     config = _with_model_dir(config or QuantizeConfig(), input_path.resolve().parent)
     gate = io.input_gate(input_path, source)  # before any work: refuse what cannot be validated
+    custom = config.weights.resolved_format() is OutputFormat.CUSTOM
+    if custom:  # the output can only be validated with the library: a missing one fails now, not at the end
+        from onnxfgq import ops
+
+        ops.library_path()
     result = _quantize_model(source, config, progress)
     if gate.note:
         result.report.notes.append(gate.note)
-    custom = config.weights.resolved_format() is OutputFormat.CUSTOM
     if external is None and len(input_files) > 1:
         external = True
     started = time.perf_counter()

@@ -12,18 +12,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from onnxfgq.errors import OnnxfgqError
+
 DOMAIN = "com.onnxfgq"
 OP_TYPE = "MatMulBlockQuant"
 OPSET_VERSION = 1
 ENV_VAR = "ONNXFGQ_OPS_LIBRARY"
 LIBRARY_NAME = "libonnxfgq_ops.so"
 
-_BUILD_HINT = ("build it with `python tools/build_custom_ops.py` from the repository root "
-               "(needs cmake and g++), or point ONNXFGQ_OPS_LIBRARY at a built libonnxfgq_ops.so")
+_CHECKOUT_HINT = ("build it with `python tools/build_custom_ops.py` from the repository root "
+                  "(needs cmake and g++), or point ONNXFGQ_OPS_LIBRARY at a built libonnxfgq_ops.so")
+# A pip install carries no C++ sources: say what works from there.
+_PIP_HINT = ("--format custom (3/5/6/7 bits, block sizes such as 48) needs this library, which a pip install "
+             "does not include: build it in a source checkout (`python tools/build_custom_ops.py`, needs cmake "
+             "and g++) and set ONNXFGQ_OPS_LIBRARY to it, or use --bits 2, 4 or 8 with a power-of-two "
+             "--block-size >= 16 (MatMulNBits, no library)")
 
 
-class OpsLibraryError(RuntimeError):
-    """The custom-op library is missing or onnxruntime could not load it."""
+def _hint() -> str:
+    checkout = (Path(__file__).resolve().parent.parent / "custom_ops" / "CMakeLists.txt").is_file()
+    return _CHECKOUT_HINT if checkout else _PIP_HINT
+
+
+class OpsLibraryError(OnnxfgqError, RuntimeError):
+    """The custom-op library is missing or onnxruntime could not load it (the CLI prints it whole)."""
 
 
 def _candidates() -> list[Path]:
@@ -40,13 +52,13 @@ def library_path() -> Path:
     if override:
         path = Path(override)
         if not path.is_file():
-            raise OpsLibraryError(f"{ENV_VAR}={override} is not a file; {_BUILD_HINT}")
+            raise OpsLibraryError(f"{ENV_VAR}={override} is not a file; {_hint()}")
         return path
     for path in _candidates():
         if path.is_file():
             return path
     searched = ", ".join(str(p) for p in _candidates())
-    raise OpsLibraryError(f"custom-op library {LIBRARY_NAME} not found (looked in {searched}); {_BUILD_HINT}")
+    raise OpsLibraryError(f"custom-op library {LIBRARY_NAME} not found (looked in {searched}); {_hint()}")
 
 
 def register(session_options) -> None:
