@@ -85,3 +85,29 @@ def test_gate_holds_the_output_to_what_the_input_passed(rms_path, tmp_path):
     good = tmp_path / "good.onnx"
     onnx.save(_rmsnorm_mlp("LayerNormalization"), good)
     assert io.input_gate(good, io.load(good)) == io.Gate()
+
+
+def test_failed_shape_inference_is_not_printed_on_success(tmp_path):
+    """A stale value_info makes onnx's strict shape inference fail inside calibration; the run succeeds,
+    so onnx_ir's "Shape inference failed" warning and its traceback must not reach the user."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 96)) / 8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Relu", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 96])], [numpy_helper.from_array(w, "w")],
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 5])])
+    path = tmp_path / "stale.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    r = cli("quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--algo", "gptq", "--calibration", "random",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Shape inference failed" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_folder_given_as_model_file_says_so(tmp_path):
+    from onnxfgq.errors import ModelLoadError
+    from onnxfgq.graph import io
+
+    with pytest.raises(ModelLoadError, match="is a folder"):
+        io.load(tmp_path)
