@@ -33,7 +33,8 @@ from models.llm_exports import (
 )
 from models.opt import Training, train
 
-SMALL = LlamaDims(hidden=128, layers=4, heads=4, kv_heads=2, vocab=1024, context=128)
+# intermediate 384 (3x): the builder's int4 algo_config=rtn crashes when ceil(K / block) is odd (352 / 32).
+SMALL = LlamaDims(hidden=128, layers=4, heads=4, kv_heads=2, vocab=1024, intermediate=384, context=128)
 TRAINING = Training(steps=400, batch=16, lr=3e-3, warmup=40, seed=0)
 # >= 100M parameters (123M): only for speed; decode time is dominated by the weights, not training.
 LARGE = LlamaDims(hidden=1024, layers=8, heads=16, kv_heads=4, vocab=16384, intermediate=2816, context=512)
