@@ -176,7 +176,8 @@ class TextReader:
         self._pad = next((i for i in (self._tok.pad_token_id, self._tok.eos_token_id) if i is not None), 0)
         self._specs, self._pos, self.samples = specs, 0, 0
         self.description = "; ".join(filter(None, [f"tokenizer {tok_dir}",
-                                                   self.plan.describe(self._batch, from_text=True)]))
+                                                   self.plan.describe(min(self._batch, len(self._lines)) or 1,
+                                                                      from_text=True)]))
 
     def _encode(self, chunk: list[str]) -> dict[str, np.ndarray]:
         enc = self._tok(chunk, truncation=True, max_length=self._max_length)

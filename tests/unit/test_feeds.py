@@ -161,6 +161,22 @@ def test_gptq_text_calibration_honours_tokenizer_from_another_cwd(optimum_like, 
     assert out.is_file()
 
 
+def test_builder_export_gptq_on_text_with_the_folder_tokenizer(builder_model, tmp_path):
+    """The builder's folder: GPTQ on text: finds tokenizer.json beside the model (no --tokenizer),
+    from another cwd; the default evaluation (random, consistent KV feeds) runs in GroupQueryAttention."""
+    text = lines(tmp_path)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    report = tmp_path / "r.json"
+    proc = cli("quantize", str(builder_model), "-o", str(out), "--algo", "gptq", "--calibration", f"text:{text}",
+               "--report", str(report), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert any(f"tokenizer {builder_model.parent}" in n and "7 samples" in n for n in data["notes"]), data["notes"]
+    assert data["accuracy"]["samples"] == 8 and data["accuracy"]["metrics"]["cosine_mean"] > 0.9
+    assert "kv_cache_dim=16 (genai_config.json)" in data["accuracy"]["data"]
+
+
 def test_missing_tokenizer_is_one_clear_line(optimum_like, tmp_path):
     out = tmp_path / "q.onnx"
     text = lines(tmp_path)
