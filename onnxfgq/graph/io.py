@@ -161,7 +161,12 @@ def save(model: ir.Model, out: str | os.PathLike, *, external: bool | None = Non
         if external:
             ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
         else:
-            ir.save(model, tmp_model)
+            # One self-contained file: weights still in the input's files are read in (left as references,
+            # they would point at a data file beside the output that does not exist).
+            if weight_bytes(model) > PROTOBUF_LIMIT:
+                raise OutputPathError(f"{out}: {weight_bytes(model) / 2**30:.1f} GiB of weights do not fit in one "
+                                      f"file (protobuf's 2 GiB limit); write external data")
+            ir.save(extdata.inlined(model), tmp_model)
         pause_point("save")
         if validate is not None:
             validate(tmp_model)

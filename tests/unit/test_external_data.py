@@ -164,6 +164,7 @@ MODES = {
     "rtn-qdq": ("--format", "qdq"),
     "gptq": ("--algo", "gptq", "--calibration", "random", "--calib-samples", "256"),
     "gptq-qdq": ("--format", "qdq", "--algo", "gptq", "--calibration", "random", "--calib-samples", "256"),
+    "awq": ("--algo", "awq", "--calibration", "random", "--calib-samples", "256"),
     "static-uint8": ("--activations", "uint8", "--calibration", "random"),
 }
 
@@ -255,3 +256,17 @@ def test_tensors_inside_subgraphs_and_functions_are_checked(tmp_path, outside):
     with pytest.raises(ModelLoadError, match="fconst.*outside the model folder"):
         io.load(path)
     assert os.path.getsize(outside) == OUTSIDE_SIZE
+
+
+def test_single_file_output_holds_the_weights_left_in_float(decoy_setup, tmp_path):
+    """--external-data never with a weight left float: it is read from the input's data file into the
+    output (a reference would point at a data file beside the output that does not exist)."""
+    model, cwd = decoy_setup
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", str(model), "-o", str(out), "--external-data", "never", "--exclude", "fc1", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+    proto = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location != TensorProto.EXTERNAL for t in proto.graph.initializer)
+    x = np.random.default_rng(5).standard_normal((4, 256)).astype(np.float32)
+    assert cosine(run(out, {"x": x})[0], run(model, {"x": x})[0]) > 0.99
