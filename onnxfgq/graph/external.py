@@ -87,9 +87,11 @@ def check_tensor(label: str, tensor: ir.ExternalTensor, folder: str) -> None:
 
     Nothing is said about a file outside the folder (not whether it exists, nor its size)."""
     loc = os.fspath(tensor.location)
+    if not loc or "\0" in loc:
+        raise ModelLoadError(f"{label}: its external data location {loc!r} is not a file name")
     outside = ModelLoadError(f"{label}: its external data location {loc!r} is outside the model folder")
-    if not loc or "\0" in loc or os.path.isabs(loc) or loc.startswith(("\\", "/")) or (
-            len(loc) > 1 and loc[1] == ":"):
+    drive = len(loc) > 2 and loc[0].isalpha() and loc[1] == ":" and loc[2] in "\\/"  # C:\..., C:/...
+    if os.path.isabs(loc) or loc.startswith(("\\", "/")) or drive:
         raise outside
     folder_abs = os.path.normpath(os.path.abspath(folder))
     path = os.path.normpath(os.path.join(folder_abs, loc))

@@ -270,3 +270,22 @@ def test_single_file_output_holds_the_weights_left_in_float(decoy_setup, tmp_pat
     assert all(t.data_location != TensorProto.EXTERNAL for t in proto.graph.initializer)
     x = np.random.default_rng(5).standard_normal((4, 256)).astype(np.float32)
     assert cosine(run(out, {"x": x})[0], run(model, {"x": x})[0]) > 0.99
+
+
+@pytest.mark.parametrize("location, message", [
+    ("", "is not a file name"),
+    ("C:\\weights\\w.bin", "outside the model folder"),
+    ("C:/weights/w.bin", "outside the model folder"),
+    ("\\\\server\\share\\w.bin", "outside the model folder"),
+    ("sub/../../w.bin", "outside the model folder"),
+    (".", "outside the model folder"),
+    ("sub/..", "outside the model folder"),
+    ("missing.bin", "is missing"),  # inside the folder: saying so reveals nothing
+])
+def test_location_edge_cases(tmp_path, location, message):
+    from onnxfgq.errors import ModelLoadError
+    from onnxfgq.graph import io
+
+    model = _one_matmul(tmp_path / "m", location)
+    with pytest.raises(ModelLoadError, match=message):
+        io.load(model)
