@@ -26,17 +26,17 @@ SETTINGS = [  # label, WeightConfig fields
 ]
 
 
-def minilm_rows(folder: Path, samples: int, calibrated: bool) -> list[str]:
+def minilm_rows(folder: Path, samples: int, algos_wanted: list[str]) -> list[str]:
     from onnxfgq import QuantizeConfig, WeightConfig
     from onnxfgq.api import quantize_file
     from onnxfgq.calibration import open_source
+    from onnxfgq.config import Algorithm
     from onnxfgq.evaluate import compare
     from onnxfgq.graph import io
 
     model = folder / "model.onnx"
-    algos = [("rtn", {})]
-    if calibrated:
-        algos.append(("awq+gptq+clip", {"algorithm": "awq+gptq+clip", "calibration": f"text:{folder / 'calib.txt'}"}))
+    calib = {"calibration": f"text:{folder / 'calib.txt'}"}
+    algos = [(a, {"algorithm": Algorithm(a), **(calib if a != "rtn" else {})}) for a in algos_wanted]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for algo, extra in algos:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minilm", type=Path, help="folder of models/minilm.py's export (model.onnx, eval.txt)")
     ap.add_argument("--samples", type=int, default=512)
-    ap.add_argument("--calibrated", action="store_true", help="also awq+gptq+clip rows on MiniLM")
+    ap.add_argument("--algos", default="rtn", help="MiniLM rows: comma-separated algorithms (rtn,awq+gptq+clip)")
     ap.add_argument("--llm", type=Path, help="a Hugging Face Llama folder (exported with the builder here)")
     ap.add_argument("--text", type=Path, help="held-out text for the LLM rows")
     ap.add_argument("--work", type=Path, default=Path("build/bench-cpu-target"))
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     if args.minilm:
-        rows += minilm_rows(args.minilm, args.samples, args.calibrated)
+        rows += minilm_rows(args.minilm, args.samples, args.algos.split(","))
     if args.llm:
         rows += llm_rows(args.llm, args.text, args.work, args.window, args.windows)
     print("| model | setting | accuracy vs FP32 |\n|---|---|---|")

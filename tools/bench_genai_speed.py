@@ -41,9 +41,14 @@ def onnxfgq_rows(blocks: list[int]) -> list[tuple[str, dict]]:
     return rows
 
 
-def build(out: Path, preset: str, blocks: list[int]) -> dict[str, Path]:
+def lm_head_rows(block: int) -> list[tuple[str, dict, str]]:
+    return [(f"onnxfgq sym acc4 b{block} lm_head {m}", {"symmetric": True, "accuracy_level": 4, "block_size": block}, m)
+            for m in ("8", "float")]
+
+
+def build(out: Path, preset: str, blocks: list[int], lm_head: bool = False) -> dict[str, Path]:
     from models.llm_exports import export_builder, tiny_llama_hf
-    from onnxfgq.config import QuantizeConfig, WeightConfig
+    from onnxfgq.config import LMHead, QuantizeConfig, Selection, WeightConfig
     from onnxfgq.folders import quantize_folder
 
     hf = tiny_llama_hf(out / "hf", **PRESETS[preset])
@@ -59,6 +64,12 @@ def build(out: Path, preset: str, blocks: list[int]) -> dict[str, Path]:
         path = out / label.replace(" ", "-")
         if not (path / "genai_config.json").is_file():
             quantize_folder(out / "fp32", path, QuantizeConfig(weights=WeightConfig(**w)))
+        models[label] = path
+    for label, w, mode in lm_head_rows(max(blocks)) if lm_head else ():
+        path = out / label.replace(" ", "-")
+        if not (path / "genai_config.json").is_file():
+            quantize_folder(out / "fp32", path, QuantizeConfig(weights=WeightConfig(**w),
+                                                               selection=Selection(lm_head=LMHead(mode))))
         models[label] = path
     return models
 
@@ -96,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     ap.add_argument("--new", type=int, default=64, help="generated tokens (decode)")
+    ap.add_argument("--lm-head", action="store_true", help="also rows with --lm-head 8 / float (largest block)")
     ap.add_argument("--only", default="", help="comma-separated substrings: measure only matching rows")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    models = build(args.out, args.preset, [int(b) for b in args.blocks.split(",")])
+    models = build(args.out, args.preset, [int(b) for b in args.blocks.split(",")], args.lm_head)
     if args.only:
         keys = [k.strip() for k in args.only.split(",")]
         models = {k: v for k, v in models.items() if k == "FP32" or any(s in k for s in keys)}
