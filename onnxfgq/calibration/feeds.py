@@ -12,7 +12,8 @@ its feeds through :class:`FeedPlan`, so a model sees one consistent convention w
   (default 0: an empty cache); the attention mask of a KV-cache model spans past + sequence;
   KV heads and head size come from ``genai_config.json`` / ``config.json`` beside the model;
   the height and width of an image input (rank 4, float) default to 224. Names that look like a
-  batch, a sequence or a past length get those values. Any other dim is refused with one line that
+  batch, a sequence or a past length get those values, and so does axis 1 of a float input
+  ``[batch, ?, features]`` (embeddings, encoder states). Any other dim is refused with one line that
   asks for ``--dim NAME=INT`` (silently using 1 calibrated a text detector on 1x1 images).
 - **Decoder inputs** a data source does not provide are filled consistently: attention mask of ones
   over past + sequence, position ids ``past .. past+T-1`` (from the mask when there is padding),
@@ -245,6 +246,11 @@ class FeedPlan:
                 self._set(name, self.past, "past length")
             elif _SEQ.search(name):
                 self._set(name, self.sequence, "sequence, default" if self.sequence == DEFAULT_SEQUENCE
+                          else "sequence")
+        for s in self.specs:  # [batch, sequence, features] float inputs (embeddings, encoder states)
+            if s.role is Role.VALUES and np.issubdtype(s.dtype, np.floating) and len(s.shape) == 3 \
+                    and isinstance(s.shape[2], int):
+                self._set(s.shape[1], self.sequence, "sequence, default" if self.sequence == DEFAULT_SEQUENCE
                           else "sequence")
         for s in self.specs:
             if s.role is Role.VALUES and np.issubdtype(s.dtype, np.floating) and len(s.shape) == 4:
