@@ -333,3 +333,17 @@ def test_bad_source_names_its_option(tmp_path, capsys, flag):
     err = capsys.readouterr().err
     assert f"{flag} 'nonsense'" in err and "--data" not in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_random_feeds_on_a_dynamo_kv_export(llama_hf, tmp_path):
+    """torch.onnx.export(dynamo=True) names its dims itself: the roles still give a consistent feed."""
+    from models.llm_exports import export_torch
+
+    path = export_torch(llama_hf, tmp_path / "model.onnx", dynamo=True)
+    reader = open_source("random", ir.load(path), num_samples=3, batch_size=2)
+    sess = session(path)
+    for feed in iterate(reader):
+        b, t = feed["input_ids"].shape
+        assert feed["past_key_values.0.key"].shape == (b, 2, 0, 16)
+        assert sess.run(["logits"], feed)[0].shape == (b, t, feeds_models.VOCAB)
