@@ -220,9 +220,13 @@ class GPTQ:
             return _rtn(w, spec, f"GPTQ fell back to RTN: {self.stats.cache[key]}")
         q = gptq(w, h, spec, damp=self.damp, act_order=self.act_order, clip=self.clip,
                  prepared=self.stats.cache[key])
+        note = ""
+        if self.stats.rows < h.shape[0]:  # rank-deficient H: GPTQ fits the few rows it saw, often worse than RTN
+            note = (f"GPTQ saw {int(self.stats.rows)} calibration rows for {h.shape[0]} inputs (rank-deficient "
+                    "Hessian: give more calibration samples)")
         if not self.refit:
-            return q
-        return QuantizedWeight(q.codes, refit_scales(w, h, q.codes, q.qparams))
+            return QuantizedWeight(q.codes, q.qparams, note)
+        return QuantizedWeight(q.codes, refit_scales(w, h, q.codes, q.qparams), note)
 
 
 def _rtn(w: np.ndarray, spec: QuantSpec, note: str) -> QuantizedWeight:

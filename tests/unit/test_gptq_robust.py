@@ -64,3 +64,14 @@ def test_not_positive_definite_falls_back_to_rtn():
     q = GPTQ(st).solve(w, SPEC)
     assert "not positive definite" in q.note
     assert np.array_equal(q.codes, RTN().solve(w, SPEC).codes)
+
+
+def test_too_few_calibration_rows_are_reported():
+    x, _, w = _layer(1.0)
+    st = ActivationStats()
+    st.update(x[:20])  # 20 rows for K = 96
+    q = GPTQ(st).solve(w, SPEC)
+    assert "20 calibration rows for 96 inputs" in q.note
+    full = ActivationStats()
+    full.update(x)
+    assert GPTQ(full).solve(w, SPEC).note == ""
