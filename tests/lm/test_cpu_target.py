@@ -1,4 +1,4 @@
-"""--target cpu: symmetric + accuracy_level 4 unless a flag says otherwise; the report suggests it."""
+"""--target cpu: accuracy_level 4 (zero points kept) unless a flag says otherwise; the report suggests it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from tests.helpers import mlp
 
 @pytest.mark.parametrize("flags, level, zero_points", [
     ((), 0, True),
-    (("--target", "cpu"), 4, False),
-    (("--target", "cpu", "--asymmetric"), 4, True),
-    (("--target", "cpu", "--accuracy-level", "0"), 0, False),
+    (("--target", "cpu"), 4, True),
+    (("--target", "cpu", "--symmetric"), 4, False),
+    (("--target", "cpu", "--accuracy-level", "0"), 0, True),
 ])
 def test_target_cpu_preset(flags, level, zero_points):
     config = config_from_args(build_parser().parse_args(["quantize", "m.onnx", *flags]))
