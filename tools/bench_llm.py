@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BUILDER_INT4 = [(algo, block) for block in (32, 128) for algo in ("rtn", "k_quant", "k_quant_mixed")]
+BUILDER_INT4 = [(algo, block) for block in (32, 128) for algo in ("default", "rtn", "k_quant", "k_quant_mixed")]
 # (label, extra onnxfgq flags); block size is added per row.
 ONNXFGQ = {
     "rtn": [],
@@ -127,6 +127,7 @@ def main() -> None:
     calib.write_text("\n".join((hf / "train.txt").read_text().splitlines()[:128]) + "\n")
     windows = lm_eval.text_windows(hf / "heldout.txt", hf, args.window)
     rows: list[dict] = []
+    failed: list[dict] = []
 
     def folder_rows(base: Path, tag: str, hf_dir: Path, accuracy: bool) -> None:
         fp32 = base / "fp32"
@@ -134,10 +135,16 @@ def main() -> None:
             ex.export_builder(hf_dir, fp32, "fp32")
         variants = [("fp32", "FP32", fp32, None)]
         for algo, block in BUILDER_INT4:
-            if block in blocks and (accuracy or algo == "rtn"):  # same kernels: speed needs one algo
+            if block in blocks and (accuracy or algo == "default"):  # same kernels: speed needs one algo
                 out = base / f"builder-{algo}-g{block}"
                 if not out.exists():
-                    ex.export_builder(hf_dir, out, "int4", {"algo_config": algo, "block_size": block})
+                    try:
+                        ex.export_builder(hf_dir, out, "int4", {"algo_config": algo, "block_size": block})
+                    except RuntimeError as exc:  # a builder bug is a result too: record it, go on
+                        failed.append({"model": tag, "tool": "builder int4", "setting": f"{algo} g{block}",
+                                       "error": str(exc).strip().splitlines()[-1]})
+                        print(json.dumps(failed[-1]), flush=True)
+                        continue
                 variants.append(("builder int4", f"{algo} g{block}", out, None))
         for label, flags in ONNXFGQ.items():
             if not accuracy and "gptq" in label:
@@ -147,20 +154,27 @@ def main() -> None:
                 secs = quantize(fp32, out, [*flags, "--block-size", str(block)], calib, hf_dir)
                 variants.append(("onnxfgq", f"{label} g{block}", out, secs))
         new: list[dict] = []
+        cache_file = base / "accuracy.json"
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
         for tool, setting, folder, secs in variants:
             row = {"model": tag, "export": "builder folder", "tool": tool, "setting": setting,
                    "size_mb": round(size_mb(folder), 2)}
             if secs is not None and not math.isnan(secs):
                 row["quantize_s"] = round(secs, 1)
             if accuracy:
-                res = lm_eval.evaluate({"fp32": fp32 / "model.onnx", "q": folder / "model.onnx"}, windows,
-                                       batch_size=1)
-                row["perplexity"] = round(res.perplexity["q"], 4)
-                row["top1_vs_fp32"] = round(res.top1_agreement, 4)
+                key = f"{tool} {setting}"
+                if key not in cache:  # outputs are reused across runs of one --out: so are their scores
+                    res = lm_eval.evaluate({"fp32": fp32 / "model.onnx", "q": folder / "model.onnx"}, windows,
+                                           batch_size=1)
+                    cache[key] = {"perplexity": round(res.perplexity["q"], 4),
+                                  "top1_vs_fp32": round(res.top1_agreement, 4)}
+                    cache_file.write_text(json.dumps(cache, indent=1) + "\n")
+                row.update(cache[key])
             new.append(row)
             print(json.dumps(row), flush=True)
         if args.speed:
-            prompt = windows.reshape(-1)[: args.prompt].tolist()
+            context = json.loads((fp32 / "genai_config.json").read_text())["model"]["context_length"]
+            prompt = windows.reshape(-1)[: min(args.prompt, context - args.decode)].tolist()
             genai_speeds(new, [v[2] for v in variants], prompt, args.decode, args.runs)
             for row in new:
                 print(json.dumps(row), flush=True)
@@ -184,8 +198,10 @@ def main() -> None:
     if "large" in models:
         big = large_llama_hf(args.out / "llama-123m")
         folder_rows(args.out / "large", "random 123M", big, accuracy=False)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / "results.json").write_text(json.dumps(rows + failed, indent=1) + "\n")
     print_table(rows)
+    for f in failed:
+        print(f"failed: {f['tool']} {f['setting']}: {f['error']}")
 
 
 def print_table(rows: list[dict]) -> None:
