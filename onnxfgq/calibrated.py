@@ -86,6 +86,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     calibration_rows: int = 0
     sequential: Sequential | None = None
+    engine: object | None = None  # engine.runner.BlockEngine: statistics block by block
 
     def covers(self, t: Target) -> bool:
         return weight_key(t) in self.weights
@@ -106,11 +107,16 @@ class Plan:
         seq.passes += 1
 
     def solve(self, t: Target, w: np.ndarray) -> QuantizedWeight:
+        if self.engine is not None:
+            self.engine.before_solve(self, t)
         self._refresh(t)
         p = self.weights[weight_key(t)]
         if p.awq_scale is not None:
             w = w * p.awq_scale[:, None]
-        return p.solver.solve(w, p.spec)
+        qw = p.solver.solve(w, p.spec)
+        if self.engine is not None:
+            self.engine.solved(t, self.effective(t, qw))
+        return qw
 
     def effective(self, t: Target, qw: QuantizedWeight) -> np.ndarray:
         """The float weight the quantized graph computes with, in the original (unscaled) input basis."""
@@ -277,7 +283,15 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
     ``feeds`` (--dim, --tokenizer, the model's folder) reaches every calibration source."""
     from onnxfgq.graph.awq_fold import apply_input_scale
 
+    if wc.engine == "blocks" and wc.calibration:  # block by block (onnxfgq/engine), where it applies
+        from onnxfgq.engine.runner import plan_blockwise
+
+        blockwise = plan_blockwise(model, targets, wc, fmt, progress, feeds)
+        if not isinstance(blockwise, str):
+            return blockwise
     plan = Plan()
+    if wc.engine == "blocks" and wc.calibration:
+        plan.notes.append(f"--engine blocks: {blockwise}; calibrated on the whole model")
     mm = [t for t in targets if t.kind == "matmul"]
     inputs = {weight_key(t): t.node.inputs[0] for t in mm}
     stats: dict[str, ActivationStats] = {}

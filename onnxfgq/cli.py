@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", dest="sequential", action="store_true", default=_W.gptq_sequential,
                    help="GPTQ: re-collect later layers' inputs from the partly quantized model (one calibration "
                         "pass per few layers) instead of taking every input from the float model")
+    c.add_argument("--engine", choices=["whole", "blocks"], default=_W.engine,
+                   help="calibration: run the whole model at once, or block by block (the graph cut at its "
+                        "residual stream; each block calibrated on the quantized blocks' outputs, memory "
+                        "bounded by one block)")
     _add_data_args(q, default_samples=8)
     _add_lm_args(q)
     q.set_defaults(func=cmd_quantize)
@@ -222,7 +226,7 @@ def _calibrated_args(args: argparse.Namespace) -> dict:
         out["calibration"] = args.calibration
     for name, field_ in (("calib_samples", "calibration_samples"), ("calib_batch_size", "calibration_batch_size"),
                          ("gptq_damp", "gptq_damp"), ("act_order", "gptq_act_order"), ("sequential", "gptq_sequential"),
-                         ("target_bits", "target_bits")):
+                         ("target_bits", "target_bits"), ("engine", "engine")):
         if getattr(args, name, None) is not None:
             out[field_] = getattr(args, name)
     if getattr(args, "max_error", None) is not None and args.granularity == Granularity.ADAPTIVE.value:

@@ -21,6 +21,9 @@ class ConfigError(ValueError):
         self.option = option
 
 
+ENGINES = ("whole", "blocks")  # how calibration runs the model (WeightConfig.engine)
+
+
 class Granularity(str, Enum):
     TENSOR = "tensor"
     CHANNEL = "channel"
@@ -89,6 +92,7 @@ class WeightConfig:
     gptq_damp: float = 0.01  # fraction of mean(diag H) added to the Hessian's diagonal
     gptq_act_order: bool = True  # salient rows first, static groups (plain per-group output)
     gptq_sequential: bool = False  # re-collect later inputs from the partly quantized model (slower)
+    engine: str = "whole"  # calibration runs: "whole" model at once, or "blocks" (onnxfgq/engine)
     max_error: float = 0.01  # adaptive: per-layer relative error budget (output error with calibration)
     target_bits: float = 0.0  # > 0: per-layer bit width (and block, if adaptive) under this average
 
@@ -122,6 +126,8 @@ class WeightConfig:
             raise ConfigError("--target-bits", f"must be in (1, 16], got {self.target_bits}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise ConfigError("--gptq-damp", f"must be in (0, 1), got {self.gptq_damp}")
+        if self.engine not in ENGINES:
+            raise ConfigError("--engine", f"choose one of {', '.join(ENGINES)}, got {self.engine!r}")
         fmt = self.format
         if fmt is OutputFormat.MATMULNBITS:
             reason = self.matmulnbits_problem()
