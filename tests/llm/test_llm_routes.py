@@ -38,10 +38,10 @@ ROWS = [
     ],
 ]
 
-# int4 on a 1M-parameter model trained for a minute: measured agreement with FP32 is 0.83-0.97
-# across these rows (docs/BENCHMARKS.md); the bar leaves room for run-to-run noise, and a broken
-# weight layout, cache path or calibration feed lands far below it (~0.1).
-MIN_AGREEMENT = {"rtn": 0.75, "gptq": 0.8, "awq": 0.75, "awq+gptq+clip": 0.8}
+# int4 on the 1M-parameter trained LLM: measured agreement with FP32 on these windows is 0.91-0.94
+# (default rows; bench_llm.py gives 0.88-0.93 over the whole held-out text). The bar leaves room for
+# run-to-run noise; a broken weight layout, cache path or calibration feed lands far below it.
+MIN_AGREEMENT = {"rtn": 0.85, "gptq": 0.85, "awq": 0.85, "awq+gptq+clip": 0.85}
 
 
 def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
