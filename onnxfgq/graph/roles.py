@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxfgq.config import LMHead, Selection
@@ -33,11 +34,22 @@ class Roles:
 
     @property
     def tied(self) -> bool:
-        """The lm_head reads the embedding table itself (through Transpose/Cast), stored once."""
+        """The lm_head holds the embedding table: the same tensor (through Transpose/Cast), or a
+        transposed copy with equal contents (what exporters often store), so emit can store it once."""
         if self.embedding is None or self.lm_head is None:
             return False
         table, head = constant_chain(self.embedding.inputs[0]), constant_chain(self.lm_head.inputs[1])
-        return table is not None and head is not None and table.tensor is head.tensor
+        if table is None or head is None:
+            return False
+        if table.tensor is head.tensor:
+            return True
+        rows, cols = (int(d) for d in table.tensor.shape)
+        if sorted(int(d) for d in head.tensor.shape) != sorted((rows, cols)):
+            return False
+        w = head.array()
+        if self.lm_head.op_type == "Gemm" and self.lm_head.attributes.get_int("transB", 0):
+            w = w.T
+        return w.shape == (cols, rows) and bool(np.array_equal(w.T, table.array()))
 
 
 def _index_input(value: ir.Value | None) -> ir.Value | None:

@@ -34,15 +34,16 @@ def test_no_lm_head_in_an_mlp():
     assert roles.lm_head is None and roles.embedding is None
 
 
-def _tied_lm(vocab: int = 96, hidden: int = 64, seed: int = 0) -> onnx.ModelProto:
-    """ids -> Gather(table) -> MatMul(W) -> MatMul(Transpose(table)) -> Reshape -> logits (tied)."""
+def _tied_lm(vocab: int = 96, hidden: int = 64, seed: int = 0, copy: bool = False) -> onnx.ModelProto:
+    """ids -> Gather(table) -> MatMul(W) -> MatMul(Transpose(table)) -> Reshape -> logits (tied); with
+    ``copy`` the lm_head reads a transposed copy of the table (what exporters often store)."""
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((vocab, hidden)).astype(np.float32)
     w = (rng.standard_normal((hidden, hidden)) / 8).astype(np.float32)
     nodes = [
         helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed"),
         helper.make_node("MatMul", ["h", "w"], ["h2"], name="mid"),
-        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="tie"),
+        *([] if copy else [helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="tie")]),
         helper.make_node("MatMul", ["h2", "table_t"], ["z"], name="proj"),
         helper.make_node("Reshape", ["z", "shape"], ["logits"], name="reshape"),
     ]
@@ -50,7 +51,8 @@ def _tied_lm(vocab: int = 96, hidden: int = 64, seed: int = 0) -> onnx.ModelProt
         nodes, "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", vocab])],
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w"),
-         numpy_helper.from_array(np.array([0, 0, vocab], np.int64), "shape")],
+         numpy_helper.from_array(np.array([0, 0, vocab], np.int64), "shape"),
+         *([numpy_helper.from_array(np.ascontiguousarray(table.T), "table_t")] if copy else [])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -64,8 +66,9 @@ def _nodes(model: ir.Model, op: str) -> list[ir.Node]:
     return [n for n in model.graph if n.op_type == op]
 
 
-def test_tied_roles_and_8bit_head_stored_once():
-    src = _tied_lm()
+@pytest.mark.parametrize("copy", [False, True])
+def test_tied_roles_and_8bit_head_stored_once(copy):
+    src = _tied_lm(copy=copy)
     roles = find_roles(ir.from_proto(src).graph)
     assert roles.lm_head.name == "proj" and roles.embedding.name == "embed" and roles.tied
     res = quantize(src, _config(LMHead.INT8, embeddings=True))
@@ -77,7 +80,7 @@ def test_tied_roles_and_8bit_head_stored_once():
     assert head.inputs[1].producer().inputs[0] is gathers[0].inputs[0]
     assert head.inputs[2] is gathers[0].inputs[2]  # the same scales
     proto = ir.to_proto(res.model)
-    assert not any(i.name == "table" for i in proto.graph.initializer)
+    assert not any(i.name in ("table", "table_t") for i in proto.graph.initializer)
     ids = np.array([[1, 5, 7, 95]], np.int64)
     ref = run(src, {"input_ids": ids})[0]
     out = run(proto, {"input_ids": ids})[0]
