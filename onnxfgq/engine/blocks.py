@@ -8,7 +8,7 @@ Every value gets a kind, propagated in graph (topological) order:
 - ``shape``: depends on the stream only through ``Shape``/``Size`` (a mask sized from the hidden
   state): handed from block to block like the stream, but not part of it;
 - ``table``: looked up in a large float table (token embeddings, a rotary cache) from side values;
-- ``stream``: downstream of a weighted op (a node with a float constant input of at least
+- ``stream``: downstream of a weighted op (a node with a float constant matrix input of at least
   ``MIN_WEIGHT`` elements that is not a table lookup).
 
 In graph order, a boundary between two nodes is a cut when the ``table``/``stream`` values produced
@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.convenience import extract
 
-MIN_WEIGHT = 1024  # elements: smaller constants (biases, norms' scales, scalars) do not start the stream
+MIN_WEIGHT = 1024  # elements of a matrix: smaller constants and vectors (biases, norms' scales) do not start the stream
 LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND", "GatherBlockQuantized"})
 SHAPE_OPS = frozenset({"Shape", "Size"})
 CONST, SIDE, SHAPE, TABLE, STREAM = 0, 1, 2, 3, 4
@@ -100,7 +100,10 @@ def _has_weight(node: ir.Node) -> bool:
         if v is None:
             continue
         t = _constant(v)
-        if t is not None and t.dtype.is_floating_point() and int(np.prod(t.shape.numpy())) >= MIN_WEIGHT:
+        if t is None or not t.dtype.is_floating_point():
+            continue
+        dims = [d for d in t.shape.numpy() if d > 1]
+        if len(dims) >= 2 and int(np.prod(dims)) >= MIN_WEIGHT:  # a matrix or kernel, not a norm's scale
             return True
     return False
 

@@ -33,6 +33,7 @@ from onnxfgq.engine.blocks import Block, Chain, partition
 from onnxfgq.graph.targets import Target
 
 Progress = Callable[[Iterable, int, str], Iterable]
+SOLVE_COLUMNS = 4096  # output columns solved at once (ColumnChunks)
 
 
 # ---------------------------------------------------------------------------------------- sessions
@@ -144,6 +145,31 @@ def _node_dtype(t: Target) -> np.dtype:
     return dtype.numpy()
 
 
+class ColumnChunks:
+    """Solves a weight a slice of output columns at a time, so a wide weight (an lm_head) never has
+    the solver's float64 work arrays for all its columns at once. Exact for layouts whose blocks are
+    one column wide (group-wise and per-channel), to float rounding: GPTQ's error propagation, its act-order and the
+    clipping search act on each column separately, given the shared input statistics."""
+
+    def __init__(self, solver, columns: int = SOLVE_COLUMNS):
+        self.solver, self.columns = solver, columns
+
+    def solve(self, w: np.ndarray, spec: QuantSpec):
+        from onnxfgq.algorithms.base import QuantizedWeight
+        from onnxfgq.quant import QParams
+
+        n = w.shape[1]
+        if spec.block_shape[1] != 1 or n <= self.columns:
+            return self.solver.solve(w, spec)
+        parts = [self.solver.solve(np.ascontiguousarray(w[:, j:j + self.columns]), spec)
+                 for j in range(0, n, self.columns)]
+        qp = parts[0].qparams
+        qparams = QParams(np.concatenate([p.qparams.scale for p in parts], axis=1),
+                          np.concatenate([p.qparams.zero_point for p in parts], axis=1), qp.block_shape, qp.qr)
+        note = next((p.note for p in parts if p.note), "")
+        return QuantizedWeight(np.concatenate([p.codes for p in parts], axis=1), qparams, note)
+
+
 class BlockEngine:
     """The ``Plan.engine`` hook: statistics of a block before its first weight is solved, and its
     quantized outputs before the next block's first weight is."""
@@ -222,7 +248,7 @@ class BlockEngine:
         for key in keys:
             p = plan.weights[key]
             p.stats = stats[self.targets[key][0].node.inputs[0].name]
-            p.solver = _solver(self.wc, p.stats)
+            p.solver = ColumnChunks(_solver(self.wc, p.stats))
         plan.calibration_rows = max(plan.calibration_rows, round(max(s.rows for s in stats.values())))
 
     def _advance(self, block: Block) -> None:
