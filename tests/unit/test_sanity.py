@@ -108,3 +108,19 @@ def test_ir3_initializers_listed_as_inputs():
     assert [i.name for i in q.graph.input] == ["x"]
     x = np.random.default_rng(0).standard_normal((2, 123)).astype(np.float32)
     assert cosine(run(m, {"x": x})[0], run(q, {"x": x})[0]) > 0.98
+
+
+def test_unknown_domain_model_from_the_command_line(tmp_path, capsys):
+    """onnxruntime cannot load the input either: quantizing still works (checked by onnx.checker),
+    and the accuracy report, which needs onnxruntime, says so in one line."""
+    m = mlp()
+    m.graph.node[1].op_type, m.graph.node[1].domain = "MyRelu", "my.domain"
+    m.opset_import.append(helper.make_opsetid("my.domain", 1))
+    src, out = tmp_path / "custom.onnx", tmp_path / "custom.q.onnx"
+    onnx.save(m, src)
+    assert main(["quantize", str(src), "-o", str(out), "--no-eval"]) == 0
+    assert [n.op_type for n in onnx.load(out).graph.node if n.domain == "my.domain"] == ["MyRelu"]
+    capsys.readouterr()
+    assert main(["quantize", str(src), "-o", str(tmp_path / "again.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "my.domain:MyRelu" in err
