@@ -84,8 +84,8 @@ def check_output_folder(folder: ModelFolder, out: Path) -> None:
 
 
 class StagedFolder(io.Staged):
-    """The output folder, prepared in a hidden folder beside ``out``: ``path`` is where the quantized
-    model goes; ``commit()`` copies the folder's other files and renames the whole folder into place.
+    """The output folder, prepared in a hidden folder beside ``out``: the folder's other files are
+    copied on entry, ``path`` is where the quantized model goes, ``commit()`` renames the whole folder.
     Leaving the ``with`` block without a commit (an error, an interrupt) removes everything."""
 
     def __init__(self, folder: ModelFolder, out: str | os.PathLike):
@@ -96,7 +96,24 @@ class StagedFolder(io.Staged):
         check_output_folder(self.source, self.out)
         self.folder = Path(tempfile.mkdtemp(prefix=f".onnxfgq-{self.out.name}-", dir=self.out.absolute().parent))
         self.folder.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        try:
+            self._copy_others()  # first, so the staged folder is complete when the report evaluates it
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
+
+    def _copy_others(self) -> None:
+        """Every file but the float model and its external data (the quantized ones replace them)."""
+        tmp = self.folder
+        skip = {self.source.model.resolve(), *io.external_inputs(io.load(self.source.model))}
+        for entry in sorted(self.source.root.iterdir()):
+            if entry.resolve() in skip or entry.name.startswith(".onnxfgq-"):
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name, symlinks=False)
+            else:
+                shutil.copy2(entry, tmp / entry.name)
 
     @property
     def path(self) -> Path:
@@ -104,16 +121,8 @@ class StagedFolder(io.Staged):
         return self.folder / self.source.model.name
 
     def commit(self) -> list[Path]:
-        """Copy the other files (not the float model and its external data), then rename the folder."""
+        """Rename the complete staged folder into place."""
         tmp = self.folder
-        skip = {self.source.model.resolve(), *io.external_inputs(io.load(self.source.model))}
-        for entry in sorted(self.source.root.iterdir()):
-            if entry.resolve() in skip or entry.name.startswith(".onnxfgq-") or (tmp / entry.name).exists():
-                continue
-            if entry.is_dir():
-                shutil.copytree(entry, tmp / entry.name, symlinks=False)
-            else:
-                shutil.copy2(entry, tmp / entry.name)
         if self.out.exists():  # an empty folder (checked on entry): the rename replaces it
             self.out.rmdir()
         os.replace(tmp, self.out)

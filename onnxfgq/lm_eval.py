@@ -71,9 +71,10 @@ class DecoderInputs:
         return out
 
 
-def decoder_inputs(session, model_path: Path | None = None) -> DecoderInputs:
+def decoder_inputs(session, model_path: Path | None = None, fallback: Path | None = None) -> DecoderInputs:
     """Read the inputs a decoder session declares; past tensors' head counts and sizes come from the
-    graph, else from genai_config.json / config.json beside the model."""
+    graph, else from genai_config.json / config.json beside the model (or beside ``fallback``, the
+    reference model, whose architecture a candidate shares)."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
 
@@ -101,7 +102,7 @@ def decoder_inputs(session, model_path: Path | None = None) -> DecoderInputs:
                               "causal-LM evaluation cannot feed it")
         for axis, what in ((1, "kv_heads"), (3, "head_size")):
             if not isinstance(shape[axis], int):
-                shape[axis] = _from_config(model_path, what, name)
+                shape[axis] = _from_config([p for p in (model_path, fallback) if p], what, name)
         past.append((name, _dtype(info.type), (None, shape[1], None, shape[3])))
     logits = "logits" if "logits" in outputs else outputs[0]
     return DecoderInputs(ids, mask, positions, tuple(past), logits)
@@ -113,12 +114,11 @@ def _dtype(ort_type: str) -> np.dtype:
     return np.dtype(_ORT_DTYPES[ort_type])
 
 
-def _from_config(model_path: Path | None, what: str, name: str) -> int:
-    folder = Path(model_path).parent if model_path else None
+def _from_config(model_paths: list[Path], what: str, name: str) -> int:
     keys = {"kv_heads": ("num_key_value_heads", "num_attention_heads"), "head_size": ("head_size", "head_dim")}[what]
-    for fname in ("genai_config.json", "config.json"):
-        path = folder / fname if folder else None
-        if path is None or not path.is_file():
+    for path in (Path(m).parent / f for m in model_paths for f in ("genai_config.json", "config.json")):
+        fname = path.name
+        if not path.is_file():
             continue
         cfg = json.loads(path.read_text())
         cfg = cfg.get("model", {}).get("decoder", cfg) if fname.startswith("genai") else cfg
@@ -198,7 +198,8 @@ def evaluate(models: dict[str, Path], windows: np.ndarray, *, batch_size: int = 
     """Perplexity of each model in ``models`` (label -> path) on ``windows``; with two models, the
     second's teacher-forced top-1 agreement with the first (the reference)."""
     sessions = {k: _session(p, custom_ops and i > 0) for i, (k, p) in enumerate(models.items())}
-    feeds = {k: decoder_inputs(s, models[k]) for k, s in sessions.items()}
+    first = next(iter(models.values()))
+    feeds = {k: decoder_inputs(s, models[k], first) for k, s in sessions.items()}
     stats = {k: LMStats() for k in sessions}
     labels = list(sessions)
     agree = compared = 0

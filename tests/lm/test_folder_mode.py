@@ -49,11 +49,13 @@ def ort_greedy(model: Path, prompt: list[int], new: int, kv_heads: int, head: in
     return ids
 
 
-def test_builder_folder_runs_in_genai(builder_fp32, tmp_path):
+def test_builder_folder_runs_in_genai(builder_fp32, heldout_text, tmp_path):
     out = tmp_path / "genai_int4"
-    proc = cli(builder_fp32, "-o", out, "--block-size", "32", "--no-eval", "--report", tmp_path / "r.json",
-               cwd=tmp_path)
+    # the report evaluates the staged folder as a causal LM (the past's head size comes from its config)
+    proc = cli(builder_fp32, "-o", out, "--block-size", "32", "--perplexity", f"text:{heldout_text}",
+               "--lm-window", "32", "--lm-max-windows", "4", "--report", tmp_path / "r.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"]["metrics"]["next_token_top1"] > 0.5
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in builder_fp32.iterdir())
     assert (out / "genai_config.json").read_bytes() == (builder_fp32 / "genai_config.json").read_bytes()
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
