@@ -217,7 +217,8 @@ class BlockEngine:
 
     def solved(self, t: Target, effective: np.ndarray) -> None:
         key = t.chain.key + (t.transposed,)
-        self.effective[key] = effective
+        if self.block_of[key] < len(self.chain) - 1:  # the last block's outputs feed nothing
+            self.effective[key] = effective
         self.done.add(key)
         if len(self.done) == len(self.block_of):  # the last weight: nothing runs after it
             self.close()
@@ -271,8 +272,9 @@ class BlockEngine:
         for key, b in self.block_of.items():
             if b == block.index:
                 self.effective.pop(key, None)
-                if self.plan is not None:
+                if self.plan is not None:  # its statistics (and the solver's cached inverses) are done
                     self.plan.weights[key].stats = None
+                    self.plan.weights[key].solver = None
         for name in block.inputs:
             if self.last_reader.get(name) == block.index and name != self.mask:
                 self.cache.drop(name)
