@@ -142,7 +142,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         report.notes.append(f"using the custom op com.onnxfgq::MatMulBlockQuant ({reason})")
 
     targets = list(find_targets(ir_model, config.selection))
-    roles = apply_lm_head(ir_model.graph, targets, config.selection)  # --lm-head: float or 8 bits
+    roles = apply_lm_head(ir_model.graph, targets, config.selection, wc)  # --lm-head: float or 8 bits
     report.notes.extend(roles.notes)
     emitter = make_emitter(ir_model, wc)
     for t in targets:

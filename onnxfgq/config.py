@@ -162,6 +162,7 @@ class WeightConfig:
 class LMHead(str, Enum):
     """What happens to a language model's output projection (found by role, see graph/roles.py)."""
 
+    AUTO = "auto"  # 8 where that is fast (MatMulNBits at accuracy_level 4), else like the rest
     SAME = "same"  # quantized like every other weight
     INT8 = "8"  # 8 bits, same block size (a tied embedding table follows it, stored once)
     FLOAT = "float"  # left in float (a tied embedding table too)
@@ -176,9 +177,10 @@ class Selection:
     exclude: tuple[str, ...] = ()
     min_elements: int = 1024  # weights with fewer elements stay float
     quantize_embeddings: bool = False
-    # 8 bits by default: measured on the trained test LLM (docs/BENCHMARKS.md, "lm_head and embeddings"),
-    # top-1 agreement 0.891 -> 0.922 for +7% size and no decode-speed cost; float bought nothing more.
-    lm_head: LMHead = LMHead.INT8
+    # auto (docs/BENCHMARKS.md, "LLM speed defaults"): 8 bits lifts the test LLM's top-1 agreement 0.891 ->
+    # 0.922 for +7% size at no speed cost with accuracy_level 4, but at level 0 an 8-bit MatMulNBits runs a
+    # slow path (decode 0.2x FP32 at 123M), so there it stays at the configured bits.
+    lm_head: LMHead = LMHead.AUTO
 
 
 class ObserverKind(str, Enum):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxfgq.config import LMHead, Selection
+from onnxfgq.config import LMHead, OutputFormat, Selection, WeightConfig
 from onnxfgq.graph.targets import Target, constant_chain
 
 _INDEX_PATH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten")
@@ -132,7 +132,16 @@ class RolePolicy:
         return self.bits.get(id(t.node), default)
 
 
-def apply_lm_head(graph: ir.Graph, targets: list[Target], selection: Selection) -> RolePolicy:
+def resolve_lm_head(mode: LMHead, weights: WeightConfig) -> LMHead:
+    """``auto``: 8 bits where an 8-bit MatMulNBits is fast (accuracy_level 4), else like the rest."""
+    if mode is not LMHead.AUTO:
+        return mode
+    fast = weights.resolved_format() is OutputFormat.MATMULNBITS and weights.accuracy_level == 4
+    return LMHead.INT8 if fast and weights.bits < 8 else LMHead.SAME
+
+
+def apply_lm_head(graph: ir.Graph, targets: list[Target], selection: Selection,
+                  weights: WeightConfig | None = None) -> RolePolicy:
     """Mark the lm_head (and a tied embedding table) float or 8-bit as ``selection.lm_head`` says."""
     policy = RolePolicy()
     roles = find_roles(graph)
@@ -144,7 +153,11 @@ def apply_lm_head(graph: ir.Graph, targets: list[Target], selection: Selection) 
     name = head.name if head is not None else roles.lm_head.name
     policy.notes.append(f"lm_head (output projection, found by role): {name}"
                         + (f", tied to the embedding {tied.name}" if tied is not None else ""))
-    mode = selection.lm_head
+    mode = resolve_lm_head(selection.lm_head, weights or WeightConfig())
+    if selection.lm_head is LMHead.AUTO:
+        policy.notes[-1] += (": 8 bits (--lm-head auto with accuracy_level 4)" if mode is LMHead.INT8 else
+                             ": quantized like the rest (--lm-head auto: 8 bits only with --target cpu, an 8-bit "
+                             "MatMulNBits at accuracy_level 0 decodes slowly)")
     for t in (head, tied):
         if t is None or t.skip_reason is not None or mode is LMHead.SAME:
             continue
@@ -156,4 +169,4 @@ def apply_lm_head(graph: ir.Graph, targets: list[Target], selection: Selection) 
     return policy
 
 
-__all__ = ["RolePolicy", "Roles", "apply_lm_head", "find_roles", "token_embedding"]
+__all__ = ["RolePolicy", "Roles", "apply_lm_head", "find_roles", "resolve_lm_head", "token_embedding"]

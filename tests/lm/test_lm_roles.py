@@ -111,3 +111,16 @@ def test_lm_head_modes_on_dynamo_export(dynamo_export, mode, head_op, head_bits)
         assert head.attributes.get_int("bits") == head_bits
     others = [n for n in _nodes(res.model, "MatMulNBits") if n is not head]
     assert others and all(n.attributes.get_int("bits") == 4 for n in others)
+
+
+@pytest.mark.parametrize("flags, head_bits", [((), 4), (("--target", "cpu"), 8), (("--lm-head", "8"), 8)])
+def test_lm_head_auto_default(legacy_export, flags, head_bits):
+    """auto: 8 bits where an 8-bit MatMulNBits is fast (accuracy_level 4), else like the rest."""
+    from onnxfgq.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["quantize", "m.onnx", *flags]))
+    name = find_roles(ir.load(legacy_export).graph).lm_head.name
+    res = quantize(legacy_export, config)
+    head = next(n for n in _nodes(res.model, "MatMulNBits") if n.name.startswith(name))
+    assert head.attributes.get_int("bits") == head_bits
+    assert any(name in note for note in res.report.notes)
