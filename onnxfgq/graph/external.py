@@ -97,7 +97,12 @@ def check_tensor(label: str, tensor: ir.ExternalTensor, folder: str) -> None:
     path = os.path.normpath(os.path.join(folder_abs, loc))
     if not _inside(path, folder_abs) or path == folder_abs:
         raise outside
-    if not _inside(os.path.realpath(path), os.path.realpath(folder_abs)):
+    # The OS resolves the location as written, component by component (``sub/..`` follows ``sub``
+    # when it is a symlink), so the physical path is what must stay inside the folder.
+    path = os.path.join(folder_abs, loc)
+    real_folder = os.path.realpath(folder_abs)
+    real = os.path.realpath(path)
+    if not _inside(real, real_folder) or real == real_folder:
         raise outside  # a symlink (the file or a folder on the way) that leaves the model folder
     offset, length, need = tensor.offset or 0, tensor.length, tensor.nbytes
     if offset < 0 or (length is not None and length < 0):

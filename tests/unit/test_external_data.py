@@ -113,6 +113,24 @@ def test_symlinked_folder_escape_refused(tmp_path, outside):
     _refused(tmp_path, model)
 
 
+def test_symlink_then_dotdot_escape_refused(tmp_path, outside):
+    # 'link/../secret.bin' is inside the folder on paper, but the OS follows 'link' first.
+    model = _one_matmul(tmp_path / "m", "link/../secret.bin")
+    deep = tmp_path / "deep" / "er"
+    deep.mkdir(parents=True)
+    (tmp_path / "secret.bin").rename(tmp_path / "deep" / "secret.bin")
+    (model.parent / "link").symlink_to(deep)
+    _refused(tmp_path, model)
+
+
+def test_dotdot_through_a_missing_folder_is_a_clean_error(tmp_path):
+    model = _one_matmul(tmp_path / "m", "sub/../model.onnx.data")
+    (model.parent / "model.onnx.data").write_bytes(np.ones(64 * 64, np.float32).tobytes())
+    r = cli("quantize", str(model), "-o", str(model.parent / "q.onnx"), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "missing" in r.stderr
+
+
 def test_constant_attribute_location_refused(tmp_path, outside):
     line = _refused(tmp_path, _one_matmul(tmp_path / "m", str(outside), as_constant=True), "--format", "qdq")
     assert "const_w" in line
