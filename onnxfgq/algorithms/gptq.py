@@ -229,7 +229,7 @@ class GPTQ:
         if isinstance(self.stats.cache[key], str):
             return _rtn(w, spec, f"GPTQ fell back to RTN: {self.stats.cache[key]}")
         q = gptq(w, h, spec, damp=damp, act_order=self.act_order, clip=self.clip, prepared=self.stats.cache[key])
-        if not self.refit:
+        if not self.refit or note:  # least-squares scales on a rank-deficient H overfit (SQNR 22 -> 6 dB)
             return QuantizedWeight(q.codes, q.qparams, note)
         return QuantizedWeight(q.codes, refit_scales(w, h, q.codes, q.qparams), note)
 

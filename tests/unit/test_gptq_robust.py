@@ -82,3 +82,20 @@ def test_too_few_calibration_rows_raise_the_dampening():
     full = ActivationStats()
     full.update(x)
     assert GPTQ(full).solve(w, SPEC).note == ""
+
+
+def test_few_rows_with_a_dominant_mean_do_not_wreck_the_weight():
+    """Post-ReLU pooled features (all positive, one strong common direction), 16 rows for 1024 inputs:
+    refitting scales on that Hessian took the weight SQNR from 22 dB to 6 dB (inception_v2's classifier:
+    output cosine 0.22). Now: no refit there, close to RTN on rows GPTQ never saw."""
+    rng = np.random.default_rng(0)
+    k, n = 1024, 200
+    base = np.abs(rng.standard_normal(k)) * 3
+    rows = lambda r: (base * (1 + 0.05 * rng.standard_normal((r, k)))).astype(np.float32)
+    w = (rng.standard_normal((k, n)) / 32).astype(np.float32)
+    st, held_out = ActivationStats(), ActivationStats()
+    st.update(rows(16))
+    held_out.update(rows(2000))
+    q = GPTQ(st).solve(w, SPEC)
+    h = held_out.hessian()
+    assert output_error(w, q.dequantize(), h) < output_error(w, RTN().solve(w, SPEC).dequantize(), h)
