@@ -51,8 +51,8 @@ class Exports:
             from models import llm_exports as ex
 
             out = self.root / route
-            if route == "builder":
-                ex.export_builder(self.hf, out, "fp32")
+            if route in ("builder", "builder-fp16"):
+                ex.export_builder(self.hf, out, "fp16" if route.endswith("fp16") else "fp32")
                 path = out / "model.onnx"
             elif route == "optimum":
                 ex.export_optimum(self.hf, out)

@@ -36,6 +36,11 @@ ROWS = [
         if (route, algo, fmt) not in {("builder", "rtn", "matmulnbits"), ("dynamo", "rtn", "qdq"),
                                       ("legacy", "awq", "qdq")}
     ],
+    # the builder's fp16 CPU export: it quantizes and prefills, but onnxruntime 1.32 CPU cannot decode
+    # it with a cache (its input fp16 graph fails a buffer-shape check in a Cast onnxruntime inserts,
+    # in genai too), so these rows score prefill only and skip generation
+    pytest.param("builder-fp16", "rtn", "matmulnbits", 128, id="builder-fp16-rtn-nbits", marks=slow),
+    pytest.param("builder-fp16", "gptq", "qdq", 32, id="builder-fp16-gptq-qdq-g32", marks=slow),
 ]
 
 # int4 on the 1M-parameter trained LLM: measured agreement with FP32 on these 288 positions is
@@ -64,7 +69,7 @@ def test_quantized_export_runs_in_its_client(route, algo, fmt, block, exports, l
     fp32 = exports(route)
     cwd = tmp_path / "elsewhere"  # not the model's folder: external data must resolve from the model
     cwd.mkdir()
-    folder_mode = route in ("builder", "optimum")
+    folder_mode = route in ("builder", "builder-fp16", "optimum")
     src = fp32.parent if folder_mode else fp32
     out_dir = tmp_path / "out"
     out = out_dir if folder_mode else out_dir / "model.onnx"
@@ -78,18 +83,21 @@ def test_quantized_export_runs_in_its_client(route, algo, fmt, block, exports, l
     assert "Traceback" not in proc.stderr
     q_model = out_dir / "model.onnx"
     assert q_model.is_file()
-    if not folder_mode or route == "builder":  # exports that came with external data keep it
+    if route != "optimum":  # exports that came with external data keep it
         assert any(p.name != "model.onnx" and p.name.startswith("model.onnx") for p in out_dir.iterdir()), \
             sorted(p.name for p in out_dir.iterdir())
     assert q_model.stat().st_size + _data_size(out_dir) < 0.5 * (fp32.stat().st_size + _data_size(fp32.parent))
 
     ref, cand = KVSession(fp32), KVSession(q_model)
-    agree = agreement(ref, cand, heldout_windows, PREFILL)
+    fp16 = route.endswith("fp16")
+    agree = agreement(ref, cand, heldout_windows, heldout_windows.shape[1] if fp16 else PREFILL)
     print(f"\n{route} {algo} {fmt} g{block}: top-1 agreement {agree:.4f}")
     assert agree >= MIN_AGREEMENT[algo], f"top-1 agreement {agree:.3f}"
 
     prompt = heldout_windows[0, :PREFILL]
-    if route == "builder":  # the folder, as written, in onnxruntime-genai
+    if fp16:
+        return
+    if route.startswith("builder"):  # the folder, as written, in onnxruntime-genai
         tokens = genai_greedy(out_dir, prompt.tolist(), 12)
     elif route == "optimum":
         tokens = optimum_generate(out_dir, prompt, 12)
