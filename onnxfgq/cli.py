@@ -9,18 +9,20 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from onnxfgq.config import (
+    ActivationConfig,
+    ActivationType,
     Algorithm,
     ConfigError,
     FeedConfig,
     Granularity,
     LMHead,
+    ObserverKind,
     OutputFormat,
     QuantizeConfig,
     Selection,
     Simplify,
     WeightConfig,
 )
-from onnxfgq.config import ActivationConfig, ActivationType, ObserverKind
 from onnxfgq.errors import OnnxfgqError
 
 _W = WeightConfig()
@@ -317,7 +319,6 @@ def _check_outputs(args, out: Path) -> None:
 def _quantize_folder(args, config: QuantizeConfig, external: bool | None) -> int:
     """Folder mode (see onnxfgq.folders): the report and evaluation then use the model files."""
     from onnxfgq import folders
-
     from onnxfgq.api import quantize_file
     from onnxfgq.graph import io
 
@@ -571,9 +572,8 @@ def _cmd_quantize_static(args, config: QuantizeConfig) -> int:
 
 def cmd_calibrate(args) -> int:
     from onnxfgq.config import Simplify
-    from onnxfgq.static import calibrate_file
-
     from onnxfgq.graph import io
+    from onnxfgq.static import calibrate_file
 
     act = activation_config_from_args(args)
     io.check_writable(args.output, "-o")

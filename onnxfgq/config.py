@@ -287,7 +287,7 @@ class QuantizeConfig:
         return json.dumps(_to_plain(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "QuantizeConfig":
+    def from_json(cls, text: str) -> QuantizeConfig:
         return _from_plain(cls, json.loads(text))
 
 

@@ -70,7 +70,7 @@ class Ranges:
                                        for k, v in self.ranges.items()}}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "Ranges":
+    def from_json(cls, text: str) -> Ranges:
         d = json.loads(text)
         if d.get("format") != RANGES_FORMAT:
             raise CalibrationError(f"not an onnxfgq ranges file (format {d.get('format')!r})")

@@ -30,7 +30,7 @@ class ImageOptions:
     resize: str = "bilinear"
 
     @classmethod
-    def parse(cls, query: str) -> "ImageOptions":
+    def parse(cls, query: str) -> ImageOptions:
         kwargs: dict = {}
         for key, values in parse_qs(query, strict_parsing=bool(query)).items():
             value = values[-1]

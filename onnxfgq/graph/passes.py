@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common
+from onnx_ir.passes import common
 
 from onnxfgq.graph import external, sanity
 
