@@ -29,24 +29,23 @@ def builder_fp32(tiny_hf) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def dynamo_export(tiny_hf) -> Path:
+def _torch_export(tiny_hf: Path, *, dynamo: bool) -> Path:
     from models.llm_exports import export_torch
 
-    out = CACHE / "dynamo" / "model.onnx"
+    out = CACHE / ("dynamo" if dynamo else "legacy") / "model.onnx"
     if not out.is_file():
-        export_torch(tiny_hf, out, dynamo=True)
+        export_torch(tiny_hf, out, dynamo=dynamo)
     return out
+
+
+@pytest.fixture(scope="session")
+def dynamo_export(tiny_hf) -> Path:
+    return _torch_export(tiny_hf, dynamo=True)
 
 
 @pytest.fixture(scope="session")
 def legacy_export(tiny_hf) -> Path:
-    from models.llm_exports import export_torch
-
-    out = CACHE / "legacy" / "model.onnx"
-    if not out.is_file():
-        export_torch(tiny_hf, out, dynamo=False)
-    return out
+    return _torch_export(tiny_hf, dynamo=False)
 
 
 @pytest.fixture(scope="session")
