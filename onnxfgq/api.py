@@ -37,8 +37,9 @@ Progress = Callable[[Iterable, int, str], Iterable]
 QDQ_OPSET = 21  # blocked DequantizeLinear and int4 types
 # MatMulNBits at accuracy_level 0 dequantizes to float; 4 quantizes activations to int8 per block (VNNI
 # dot products). Measured in onnxruntime-genai on CPU: docs/BENCHMARKS.md, "Speed defaults".
-CPU_SPEED_HINT = ("speed: for onnxruntime on CPU, --target cpu (MatMulNBits accuracy_level 4) decodes about 2x "
-                  "faster than accuracy_level 0")
+CPU_SPEED_HINT = ("speed: for onnxruntime on CPU, --target cpu (MatMulNBits accuracy_level 4: int8 activations "
+                  "inside the kernel) decoded LLMs about 2x faster than accuracy_level 0 here, at a small accuracy "
+                  "cost (docs/BENCHMARKS.md)")
 
 
 def _no_progress(items: Iterable, total: int, label: str) -> Iterable:
