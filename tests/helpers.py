@@ -1,13 +1,25 @@
-"""Small hand-built ONNX models and an onnxruntime runner for the tests."""
+"""Small hand-built ONNX models, an onnxruntime runner and the command line as a user runs it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``onnxfgq ARGS`` in a new process (from ``cwd``), offline, with the repository's models/ importable."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "onnxfgq.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout, check=False)
 
 
 def run(model: onnx.ModelProto | str | Path, feed: dict, *, qdq_exact: bool = True, custom_ops: bool = False):

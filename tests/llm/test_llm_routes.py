@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import cli
 from tests.llm.clients import PREFILL, KVSession, agreement, genai_greedy
 
 slow = pytest.mark.slow
@@ -47,11 +47,6 @@ ROWS = [
 # 0.87-0.94 over all 34 rows (bench_llm.py gives 0.88-0.94 over the whole held-out text). The bar leaves room for
 # run-to-run noise; a broken weight layout, cache path or calibration feed lands far below it.
 MIN_AGREEMENT = {"rtn": 0.85, "gptq": 0.85, "awq": 0.85, "awq+gptq+clip": 0.85}
-
-
-def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxfgq.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600, check=False)
 
 
 def calibration_args(algo: str, model: Path, llama_hf, calib_text, npz_feeds) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,11 @@ import onnxruntime as ort
 import pytest
 
 from onnxfgq import folders
+from tests.helpers import cli as run_cli
 
 
 def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxfgq.cli", "quantize", *map(str, args)], check=False,
-                          capture_output=True, text=True, cwd=cwd)
+    return run_cli("quantize", *args, cwd=cwd)
 
 
 def genai_greedy(folder: Path, prompt: list[int], new: int) -> list[int]:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from tests.helpers import mlp, run
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxfgq.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+from tests.helpers import cli, mlp, run
 
 
 @pytest.fixture()

@@ -15,12 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.helpers import mlp
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxfgq.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+from tests.helpers import cli, mlp
 
 
 @pytest.fixture()

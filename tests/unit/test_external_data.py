@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +17,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers import cosine, mlp, run
+from tests.helpers import cli, cosine, mlp, run
 
 OUTSIDE_SIZE = 12345  # the size of the file outside the folder: no message may reveal it
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxfgq.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
 
 
 def _external(name: str, shape, location: str, offset: int = 0, length: int | None = None) -> TensorProto:

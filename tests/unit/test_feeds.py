@@ -5,9 +5,6 @@ Each test here failed on the code before feeds.py (see the issue items in the do
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxfgq.calibration.feeds import DEFAULT_SPATIAL, FeedOptions, FeedPlan, InputSpec, Role, input_specs
 from onnxfgq.calibration.sources import DataSourceError, iterate, open_source
 from onnxfgq.cli import main
+from tests.helpers import cli
 from tests.unit import feeds_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,12 +48,6 @@ def session(path: Path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "onnxfgq.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, check=False)
 
 
 def lines(tmp_path: Path) -> Path:

@@ -9,8 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.helpers import mlp
-from tests.unit.test_cli import cli
+from tests.helpers import cli, mlp
 
 
 def _digest(folder: Path) -> dict[str, str]:

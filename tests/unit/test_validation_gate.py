@@ -8,8 +8,6 @@ front (before any calibration work), with one line and nothing written.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers import cosine, run
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxfgq.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+from tests.helpers import cli, cosine, run
 
 
 def _rmsnorm_mlp(op: str = "SimplifiedLayerNormalization") -> onnx.ModelProto:
