@@ -204,8 +204,9 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         planned = plan is not None and plan.covers(t)
         if not shared and planned:
             w = t.weight()
-            if _nonfinite(w):
-                refused[key], solved[key] = _nonfinite(w), None
+            bad = _nonfinite(w)
+            if bad:
+                refused[key], solved[key] = bad, None
             else:
                 solved[key] = qw = plan.solve(t, w)
                 weight_sqnr[key] = sqnr_db(w, plan.effective(t, qw))
