@@ -446,8 +446,8 @@ def _evaluate_lm(reference: Path, candidate: Path, args, custom_ops: bool):
     from onnxfgq.report import Accuracy
 
     text = _check_lm_args(args)
-    tokenizer = args.tokenizer or _tokenizer_beside(reference)
-    windows = lm_eval.text_windows(text, tokenizer, args.lm_window, args.lm_max_windows)
+    windows = lm_eval.text_windows(text, args.tokenizer, args.lm_window, args.lm_max_windows,
+                                   model_dir=reference if Path(reference).is_dir() else Path(reference).parent)
     result = lm_eval.evaluate({"reference": reference, "candidate": candidate}, windows,
                               batch_size=args.batch_size, custom_ops=custom_ops, progress=rich_progress)
     return Accuracy(f"{args.perplexity} ({result.windows} windows of {result.length} tokens)",
@@ -468,11 +468,6 @@ def _check_lm_args(args) -> Path | None:
     if not text.is_file():
         raise lm_eval.LMEvalError(f"--perplexity: {text}: no such text file")
     return text
-
-
-def _tokenizer_beside(model: Path) -> Path | None:
-    folder = Path(model).parent
-    return folder if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file() else None
 
 
 def _model_file(path: Path) -> Path:

@@ -10,7 +10,6 @@ Logits with NaN or Inf make a metric NaN and are counted, never scored as agreem
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,12 +27,17 @@ class LMEvalError(OnnxfgqError):
     """Text or a model that causal-LM evaluation cannot use."""
 
 
-def text_windows(text_file: Path, tokenizer: Path | None, length: int, limit: int = 0) -> np.ndarray:
-    """``[n, length]`` int64 token ids: the whole file tokenised, cut into non-overlapping windows."""
+def text_windows(text_file: Path, tokenizer: Path | None, length: int, limit: int = 0,
+                 model_dir: Path | None = None) -> np.ndarray:
+    """``[n, length]`` int64 token ids: the whole file tokenised, cut into non-overlapping windows.
+    The tokenizer is found as for ``text:`` calibration: ``tokenizer``, else ``model_dir``, else the
+    text file's folder."""
+    from onnxfgq.calibration.sources import find_tokenizer
+
     text_file = Path(text_file)
     if not text_file.is_file():
         raise LMEvalError(f"{text_file}: no such text file")
-    tok_dir = Path(tokenizer) if tokenizer else text_file.parent
+    tok_dir = find_tokenizer(Path(tokenizer) if tokenizer else None, model_dir, text_file)
     try:
         from transformers import AutoTokenizer
 
@@ -115,18 +119,13 @@ def _dtype(ort_type: str) -> np.dtype:
 
 
 def _from_config(model_paths: list[Path], what: str, name: str) -> int:
-    keys = {"kv_heads": ("num_key_value_heads", "num_attention_heads"), "head_size": ("head_size", "head_dim")}[what]
-    for path in (Path(m).parent / f for m in model_paths for f in ("genai_config.json", "config.json")):
-        fname = path.name
-        if not path.is_file():
-            continue
-        cfg = json.loads(path.read_text())
-        cfg = cfg.get("model", {}).get("decoder", cfg) if fname.startswith("genai") else cfg
-        for k in keys:
-            if isinstance(cfg.get(k), int):
-                return cfg[k]
-        if what == "head_size" and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
-            return cfg["hidden_size"] // cfg["num_attention_heads"]
+    """``kv_heads`` or ``head_size`` from genai_config.json / config.json beside the first model that has it."""
+    from onnxfgq.calibration.feeds import model_config
+
+    for path in model_paths:
+        value = model_config(Path(path).parent).get(what)
+        if value:
+            return value
     raise LMEvalError(f"input {name!r}: {what} is symbolic and no genai_config.json / config.json gives it")
 
 
