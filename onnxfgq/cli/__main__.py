@@ -1,0 +1,5 @@
+import sys
+
+from onnxfgq.cli import main
+
+sys.exit(main())
