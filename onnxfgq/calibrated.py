@@ -107,16 +107,13 @@ class Plan:
         seq.passes += 1
 
     def solve(self, t: Target, w: np.ndarray) -> QuantizedWeight:
-        if self.engine is not None:
-            self.engine.before_solve(self, t)
+        if self.engine is not None:  # solved block by block (engine/runner.py)
+            return self.engine.take(self, t, w)
         self._refresh(t)
         p = self.weights[weight_key(t)]
         if p.awq_scale is not None:
             w = w * p.awq_scale[:, None]
-        qw = p.solver.solve(w, p.spec)
-        if self.engine is not None:
-            self.engine.solved(t, self.effective(t, qw))
-        return qw
+        return p.solver.solve(w, p.spec)
 
     def effective(self, t: Target, qw: QuantizedWeight) -> np.ndarray:
         """The float weight the quantized graph computes with, in the original (unscaled) input basis."""
@@ -126,6 +123,8 @@ class Plan:
 
     def output_error(self, t: Target, w: np.ndarray, qw: QuantizedWeight) -> float | None:
         """Relative output error of this weight on the calibration data (None without calibration)."""
+        if self.engine is not None:  # measured when solved (kept in the work folder for --resume)
+            return self.engine.error(t)
         p = self.weights[weight_key(t)]
         if p.stats is None or not p.stats.rows:
             return None
@@ -278,17 +277,22 @@ def _solver(wc: WeightConfig, stats: ActivationStats | None):
 
 
 def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, fmt: OutputFormat,
-                 progress: Progress, feeds: FeedOptions | None = None) -> Plan:
+                 progress: Progress, feeds: FeedOptions | None = None, work=None) -> Plan:
     """Statistics, AWQ graph edits and per-weight decisions for the MatMul/Gemm ``targets``;
-    ``feeds`` (--dim, --tokenizer, the model's folder) reaches every calibration source."""
+    ``feeds`` (--dim, --tokenizer, the model's folder) reaches every calibration source; ``work``
+    (engine/checkpoint.Work) makes an ``--engine blocks`` run resumable."""
     from onnxfgq.graph.awq_fold import apply_input_scale
 
     if wc.engine == "blocks" and wc.calibration:  # block by block (onnxfgq/engine), where it applies
         from onnxfgq.engine.runner import plan_blockwise
 
-        blockwise = plan_blockwise(model, targets, wc, fmt, progress, feeds)
+        blockwise = plan_blockwise(model, targets, wc, fmt, progress, feeds, work)
         if not isinstance(blockwise, str):
             return blockwise
+        if work is not None and work.resume:
+            from onnxfgq.config import ConfigError
+
+            raise ConfigError("--resume", f"this run is not block by block ({blockwise}): nothing to resume")
     plan = Plan()
     if wc.engine == "blocks" and wc.calibration:
         plan.notes.append(f"--engine blocks: {blockwise}; calibrated on the whole model")

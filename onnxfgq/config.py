@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 
 ENGINES = ("whole", "blocks")  # how calibration runs the model (WeightConfig.engine)
+EXECUTORS = ("threads", "ray")  # where --engine blocks solves a block's weights (WeightConfig.executor)
 
 
 class Granularity(str, Enum):
@@ -93,6 +94,7 @@ class WeightConfig:
     gptq_act_order: bool = True  # salient rows first, static groups (plain per-group output)
     gptq_sequential: bool = False  # re-collect later inputs from the partly quantized model (slower)
     engine: str = "whole"  # calibration runs: "whole" model at once, or "blocks" (onnxfgq/engine)
+    executor: str = "threads"  # --engine blocks: where a block's solves run ("threads" or "ray"; same output)
     max_error: float = 0.01  # adaptive: per-layer relative error budget (output error with calibration)
     target_bits: float = 0.0  # > 0: per-layer bit width (and block, if adaptive) under this average
 
@@ -128,6 +130,8 @@ class WeightConfig:
             raise ConfigError("--gptq-damp", f"must be in (0, 1), got {self.gptq_damp}")
         if self.engine not in ENGINES:
             raise ConfigError("--engine", f"choose one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError("--executor", f"choose one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         fmt = self.format
         if fmt is OutputFormat.MATMULNBITS:
             reason = self.matmulnbits_problem()
@@ -275,9 +279,16 @@ class QuantizeConfig:
     simplify: Simplify = Simplify.AUTO  # onnxsim before looking for weights
     activations: ActivationConfig | None = None  # None: weight-only; set: static int8 (weights + activations)
     feeds: FeedConfig = field(default_factory=FeedConfig)  # --tokenizer, --dim: every data source
+    # --rotate: R1/R2 rotations folded into the float weights first (graph/rotate.py); the seed picks them
+    rotate: bool = False
+    rotate_seed: int = 0
 
     def validate(self) -> None:
         self.weights.validate()
+        if self.rotate and self.activations is not None:
+            raise ConfigError("--rotate", "rotations are for weight-only quantization, not --activations")
+        if self.rotate_seed < 0:
+            raise ConfigError("--rotate-seed", f"must be >= 0, got {self.rotate_seed}")
         if self.activations is not None:
             self.activations.validate()
         if self.selection.min_elements < 0:

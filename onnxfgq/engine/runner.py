@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -26,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxfgq.algorithms.base import QuantSpec
-from onnxfgq.algorithms.stats import ActivationStats
+from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
+from onnxfgq.algorithms.stats import ActivationStats, output_error
 from onnxfgq.config import WeightConfig
 from onnxfgq.engine.blocks import Block, Chain, partition
 from onnxfgq.graph.targets import Target
@@ -171,25 +172,43 @@ class ColumnChunks:
 
 
 class BlockEngine:
-    """The ``Plan.engine`` hook: statistics of a block before its first weight is solved, and its
-    quantized outputs before the next block's first weight is."""
+    """The ``Plan.engine`` hook: when the rewriter asks for the first weight of a block, the blocks
+    before it are advanced (run with their quantized weights into the cache, and checkpointed when
+    there is a work folder), the block's statistics are collected and all its weights are solved on
+    the executor; the rewriter then takes the solved weights one by one (``take``)."""
 
     def __init__(self, chain: Chain, block_of: dict[tuple, int], targets: dict[tuple, list[Target]],
-                 wc: WeightConfig, progress: Progress, folder: Path, mask: str | None):
+                 wc: WeightConfig, progress: Progress, folder: Path, mask: str | None, *, work=None,
+                 executor=None):
+        from onnxfgq.engine.executors import make_executor
+
         self.chain, self.block_of, self.targets = chain, block_of, targets
         self.wc, self.progress = wc, progress
         self.cache = ActivationCache(folder)
-        self.current = -1  # the block whose statistics are collected and whose weights are solving
+        self.order = list(block_of)  # weight index (in the work folder) -> key
+        self.current = -1  # the block whose statistics are collected and whose weights are solved
+        self.finished = -1  # the last block advanced (and checkpointed)
         self.effective: dict[tuple, np.ndarray] = {}  # weight key -> float weight its codes compute
-        self.done: set[tuple] = set()
+        self.ready: dict[tuple, QuantizedWeight] = {}  # solved, until the rewriter takes it
+        self.errors: dict[tuple, float | None] = {}  # output error on the calibration statistics
+        self.restored: dict[tuple, QuantizedWeight] = {}  # from the work folder's finished blocks
+        self.saved: dict[int, dict] = {}  # weight index -> its checkpoint entry (current block)
+        self.taken: set[tuple] = set()
+        self.refused: set[tuple] = set()  # non-finite weights: kept float by the rewriter
         self.mask = mask
         self.plan = None
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(folder), True)
+        self.work = work
+        self.executor = executor or make_executor(wc.executor)
+        folder_cleanup = (lambda: None) if work is not None else (lambda: shutil.rmtree(str(folder), True))
+        self._cleanup = weakref.finalize(self, _close, self.executor, folder_cleanup)
         last_reader: dict[str, int] = {}
         for b in chain.blocks:
             for name in b.inputs:
                 last_reader[name] = b.index
         self.last_reader = last_reader
+        self.last_block = max(block_of.values(), default=-1)
+        self.started: float | None = None  # when the first block's work began (for the estimate)
+        self.first = -1  # the first block this process worked on (a resumed run skips the others)
 
     # -- feeds
     def write_feeds(self, reader_batches: Iterable[dict[str, np.ndarray]]) -> int:
@@ -200,6 +219,18 @@ class BlockEngine:
             self.cache.batches = i + 1
         return self.cache.batches
 
+    def restore(self, plan) -> None:
+        """Continue from the work folder: finished blocks' weights, the cache's state."""
+        w = self.work
+        self.finished = self.current = w.finished
+        self.cache.ids = dict(w.manifest["cache"]["ids"])
+        self.cache.batches = int(w.manifest["cache"]["batches"])
+        plan.calibration_rows = int(w.manifest.get("rows", 0))
+        for j, (qw, err) in w.load_weights().items():
+            key = self.order[j]
+            self.restored[key] = qw
+            self.errors[key] = err
+
     def _feed(self, block: Block, i: int) -> dict[str, np.ndarray]:
         return {n: self.cache.get(n, i) for n in block.inputs}
 
@@ -207,38 +238,65 @@ class BlockEngine:
         return np.asarray(self.cache.get(self.mask, i)) != 0 if self.mask else None
 
     # -- hooks
-    def before_solve(self, plan, t: Target) -> None:
-        b = self.block_of[t.chain.key + (t.transposed,)]
+    def take(self, plan, t: Target, w: np.ndarray) -> QuantizedWeight:
+        """The solved weight of ``t`` (advancing, calibrating and solving blocks as needed)."""
+        key = t.chain.key + (t.transposed,)
+        if key in self.restored:
+            return self.restored.pop(key)
+        b = self.block_of[key]
         while self.current < b:
             if self.current >= 0:
                 self._advance(self.chain.blocks[self.current])
             self.current += 1
             self._collect(plan, self.chain.blocks[self.current])
-
-    def solved(self, t: Target, effective: np.ndarray) -> None:
-        key = t.chain.key + (t.transposed,)
-        if self.block_of[key] < len(self.chain) - 1:  # the last block's outputs feed nothing
+        qw = self.ready.pop(key)
+        effective = plan.effective(t, qw)
+        p = plan.weights[key]
+        self.errors[key] = output_error(w, effective, p.stats.hessian()) if p.stats is not None and p.stats.rows \
+            else None
+        if b < len(self.chain) - 1:  # the last block's outputs feed nothing
             self.effective[key] = effective
-        self.done.add(key)
-        if len(self.done) == len(self.block_of):  # the last weight: nothing runs after it
+        if self.work is not None:
+            j = self.order.index(key)
+            self.saved[j] = self.work.save_weight(j, b, qw)
+        self.taken.add(key)
+        if b == self.last_block and all(k in self.taken for k, kb in self.block_of.items()
+                                        if kb == b and k not in self.refused):
+            self._finish(self.chain.blocks[b])
             self.close()
+        return qw
+
+    def error(self, t: Target) -> float | None:
+        return self.errors.get(t.chain.key + (t.transposed,))
 
     def close(self) -> None:
         self._cleanup()
 
+    def _label(self, block: Block, step: str) -> str:
+        """'block 3/25 statistics', and the run's elapsed time and estimate once a block is done
+        (from the weight bytes of the blocks done and left)."""
+        if self.started is None:
+            self.started, self.first = time.perf_counter(), block.index
+        label = f"block {block.index + 1}/{len(self.chain)} {step}"
+        done = sum(b.weight_bytes() for b in self.chain.blocks[self.first:block.index])
+        if done:
+            left = sum(b.weight_bytes() for b in self.chain.blocks[block.index:])
+            elapsed = time.perf_counter() - self.started
+            label += f" (run {_minutes(elapsed)}, about {_minutes(elapsed / done * left)} left)"
+        return label
+
     # -- steps
     def _collect(self, plan, block: Block) -> None:
-        """Statistics of the inputs of every weight in ``block``, from its cached inputs."""
-        from onnxfgq.calibrated import _solver
-
-        keys = {key for key, b in self.block_of.items() if b == block.index}
+        """Statistics of the inputs of every weight in ``block``, from its cached inputs; then every
+        weight of the block solved on the executor."""
+        keys = [key for key in self.order if self.block_of[key] == block.index]
         if not keys:
             return
-        names = list(dict.fromkeys(t.node.inputs[0].name for key in keys for t in self.targets[key]))
+        names = list(dict.fromkeys(self.targets[key][0].node.inputs[0].name for key in keys))
         inner = [n for n in names if n not in block.inputs]  # the rest are read from the cache
         sess = session(_with_outputs(block, inner)) if inner else None
         stats = {n: ActivationStats() for n in names}
-        label = f"block {block.index + 1}/{len(self.chain)}"
+        label = self._label(block, "statistics")
         for i in self.progress(range(self.cache.batches), self.cache.batches, label):
             mask = self._mask(i)
             feed = self._feed(block, i)
@@ -246,15 +304,38 @@ class BlockEngine:
             for name in names:
                 _observe(stats[name], values[name] if name in values else feed[name], mask)
         del sess
+        groups: dict[str, list[tuple]] = {}
         for key in keys:
             p = plan.weights[key]
-            p.stats = stats[self.targets[key][0].node.inputs[0].name]
-            p.solver = ColumnChunks(_solver(self.wc, p.stats))
+            name = self.targets[key][0].node.inputs[0].name
+            p.stats = stats[name]
+            p.solver = None  # solved here, on the executor
+            groups.setdefault(name, []).append(key)
         plan.calibration_rows = max(plan.calibration_rows, round(max(s.rows for s in stats.values())))
+        jobs, order = [], []
+        for name, ks in groups.items():
+            items = []
+            for key in ks:
+                w = self.targets[key][0].weight()
+                if not np.all(np.isfinite(w)):  # the rewriter keeps it float and never asks
+                    self.refused.add(key)
+                    continue
+                items.append((w, plan.weights[key].spec))
+                order.append(key)
+            if items:
+                jobs.append((stats[name], items))
+        n = sum(len(items) for _, items in jobs)
+        label = self._label(block, f"solve {n} weight{'s' if n != 1 else ''}")
+        results = iter(order)
+        for group in self.progress(self.executor.map(self.wc, jobs), len(jobs), label):
+            for qw in group:
+                self.ready[next(results)] = qw
 
     def _advance(self, block: Block) -> None:
         """Run ``block`` with its weights as quantized; its outputs go to the cache for later blocks.
-        Statistics and effective weights of the block are dropped."""
+        Statistics and effective weights of the block are dropped; the block is checkpointed."""
+        if block.index <= self.finished:
+            return
         weights = {}
         for key, b in self.block_of.items():
             if b != block.index or key not in self.effective:
@@ -269,23 +350,49 @@ class BlockEngine:
                 for name, x in zip(needed, sess.run(needed, self._feed(block, i))):
                     self.cache.put(name, i, x)
             del sess
+        del weights
         for key, b in self.block_of.items():
             if b == block.index:
                 self.effective.pop(key, None)
                 if self.plan is not None:  # its statistics (and the solver's cached inverses) are done
                     self.plan.weights[key].stats = None
                     self.plan.weights[key].solver = None
+        self._finish(block)
         for name in block.inputs:
             if self.last_reader.get(name) == block.index and name != self.mask:
                 self.cache.drop(name)
 
+    def _finish(self, block: Block) -> None:
+        """Block ``block`` is done: checkpoint it (with a work folder) and tell the log."""
+        from onnxfgq.graph.io import pause_point
+
+        self.finished = block.index
+        if self.work is not None:
+            entries = {}
+            for j, entry in self.saved.items():
+                entries[j] = {**entry, "error": self.errors.get(self.order[j])}
+            self.work.finish_block(block.index, entries, self.cache.ids, self.cache.batches,
+                                   self.plan.calibration_rows if self.plan is not None else 0)
+            self.saved = {}
+        pause_point(f"block{block.index}")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _close(executor, cleanup) -> None:
+    executor.close()
+    cleanup()
+
 
 def plan_blockwise(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, fmt, progress: Progress,
-                   feeds=None):
+                   feeds=None, work=None):
     """A ``calibrated.Plan`` for ``targets`` whose statistics come block by block (module docstring),
     or the reason the whole-model planner must do it instead: AWQ, adaptive or mixed layouts (they
     choose from every layer's statistics at once), a weight shared by several blocks, or a graph that
-    does not cut into at least two blocks."""
+    does not cut into at least two blocks. With ``work`` (a checkpoint.Work) the run is checkpointed
+    block by block in its folder, and continued from it when ``work.resume``."""
     from onnxfgq.calibrated import Plan, WeightPlan, _mask_input, open_calibration_source, weight_key
     from onnxfgq.calibration.sources import iterate
     from onnxfgq.config import Granularity
@@ -316,10 +423,20 @@ def plan_blockwise(model: ir.Model, targets: Sequence[Target], wc: WeightConfig,
         k, n = ts[0].shape_kn
         plan.weights[key] = WeightPlan(QuantSpec(wc.bits, wc.block_shape((k, n), 0, 1), wc.symmetric),
                                        None, wc.algorithm.value)
-    folder = Path(tempfile.mkdtemp(prefix="onnxfgq-blocks-"))
-    engine = BlockEngine(chain, block_of, by_key, wc, progress, folder, _mask_input(model))
+    if work is not None:
+        work.start(len(chain))
+        folder = work.cache
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="onnxfgq-blocks-"))
+    engine = BlockEngine(chain, block_of, by_key, wc, progress, folder, _mask_input(model), work=work)
     engine.plan = plan
-    batches = engine.write_feeds(iterate(open_calibration_source(model, wc, feeds)))
+    if work is not None and work.finished >= 0:
+        engine.restore(plan)
+        batches = engine.cache.batches
+        plan.notes.append(f"--resume: {work.finished + 1} of {len(chain)} blocks read back from {work.folder}")
+    else:
+        batches = engine.write_feeds(iterate(open_calibration_source(model, wc, feeds)))
     plan.engine = engine
-    plan.notes.append(f"calibrated block by block on {wc.calibration} ({batches} batches; {chain.note})")
+    solves = f"; solves on {engine.executor.name}" if wc.executor != "threads" else ""
+    plan.notes.append(f"calibrated block by block on {wc.calibration} ({batches} batches; {chain.note}{solves})")
     return plan
