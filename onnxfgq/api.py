@@ -6,6 +6,7 @@ Data flows one way: targets (graph) -> weights (algorithms on quant/) -> nodes (
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections import Counter, deque
@@ -116,8 +117,9 @@ def _with_model_dir(config: QuantizeConfig, folder: Path | None) -> QuantizeConf
     return dataclasses.replace(config, feeds=dataclasses.replace(config.feeds, model_dir=str(folder)))
 
 
-def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progress) -> QuantizeResult:
-    """Quantize ``ir_model``, which the caller hands over (it may be modified or replaced)."""
+def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progress, work=None) -> QuantizeResult:
+    """Quantize ``ir_model``, which the caller hands over (it may be modified or replaced); ``work``
+    (engine/checkpoint.Work) checkpoints an ``--engine blocks`` run."""
     config.validate()
     sanity.check(ir_model)
     started = time.perf_counter()
@@ -166,7 +168,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         report.notes.append(f"{len(todo) - len(reachable)} weights inside control-flow bodies or functions "
                             f"use RTN: calibration cannot observe their inputs")
     if needs_plan(wc) and reachable:  # calibration, AWQ graph edits, per-weight layouts and solvers
-        plan = plan_weights(ir_model, reachable, wc, fmt, progress, FeedOptions.from_config(config.feeds))
+        plan = plan_weights(ir_model, reachable, wc, fmt, progress, FeedOptions.from_config(config.feeds), work)
         report.notes.extend(plan.notes)
         for t in todo:
             if id(t.node) in roles.bits and plan.covers(t):
@@ -293,9 +295,15 @@ def quantize_file(
     *,
     progress: Progress = _no_progress,
     external: bool | None = None,
+    resume: bool = False,
+    work_dir: str | os.PathLike | None = None,
 ) -> Report:
     """Quantize a model file into ``output_path``: written atomically, checked with onnx.checker and
     loaded in onnxruntime before it appears; the input file is never touched.
+
+    A calibrated ``engine="blocks"`` run checkpoints each finished block in ``work_dir`` (default
+    ``OUTPUT.onnxfgq-work`` beside ``output_path``), removed once the output is written; ``resume``
+    continues an interrupted run from it, with the same output bytes (engine/checkpoint.py).
 
     An export folder (genai_config.json / config.json beside the model) is quantized into the folder
     ``output_path`` that its client runs as is (see ``onnxfgq.folders``)."""
@@ -314,20 +322,52 @@ def quantize_file(
         from onnxfgq import ops
 
         ops.library_path()
-    result = _quantize_model(source, config, progress)
+    work = _work_folder(input_files, output_path, config, resume, work_dir)
+    try:
+        result = _quantize_model(source, config, progress, work)
+    except BaseException:
+        if work is not None:
+            work.abandon()
+        raise
     if gate.note:
         result.report.notes.append(gate.note)
     if external is None and len(input_files) > 1:
         external = True
     started = time.perf_counter()
-    written = io.save(result.model, output_path, external=external,
-                      validate=lambda p: io.check(p, custom_ops=custom, gate=gate))
+    try:
+        written = io.save(result.model, output_path, external=external,
+                          validate=lambda p: io.check(p, custom_ops=custom, gate=gate))
+    except BaseException:
+        if work is not None:
+            work.abandon()
+        raise
+    if work is not None:
+        work.remove()
     report = result.report
     report.seconds += time.perf_counter() - started
     report.input_path, report.output_path = str(input_path), str(output_path)
     report.size_before = _file_sizes(input_files)
     report.size_after = _file_sizes(written)
     return report
+
+
+def _work_folder(input_files: list[Path], output_path: Path, config: QuantizeConfig, resume: bool,
+                 work_dir: str | os.PathLike | None):
+    """The checkpoint folder of a resumable run (calibrated, --engine blocks), checked now."""
+    from onnxfgq.config import ConfigError
+    from onnxfgq.engine.checkpoint import Work, identity_of, work_folder_for
+
+    wc = config.weights
+    if not (wc.engine == "blocks" and wc.calibration and needs_plan(wc)):
+        if resume:
+            raise ConfigError("--resume", "only a calibrated --engine blocks run is checkpointed; nothing to resume")
+        return None
+    plain = _plain(config)
+    plain.get("weights", {}).pop("executor", None)  # where solves run does not change the output
+    work = Work(Path(work_dir) if work_dir else work_folder_for(output_path),
+                identity_of(input_files, json.dumps(plain)), resume=resume)
+    work.check()
+    return work
 
 
 def _file_sizes(paths: Iterable[Path]) -> int:

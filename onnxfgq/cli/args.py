@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from onnxfgq.config import (
+    EXECUTORS,
     ActivationConfig,
     ActivationType,
     Algorithm,
@@ -127,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration: run the whole model at once, or block by block (the graph cut at its "
                         "residual stream; each block calibrated on the quantized blocks' outputs, memory "
                         "bounded by one block)")
+    c.add_argument("--resume", action="store_true",
+                   help="--engine blocks: continue an interrupted run from its work folder OUT.onnxfgq-work "
+                        "(each finished block is checkpointed there; same output bytes as an uninterrupted run)")
+    c.add_argument("--executor", choices=list(EXECUTORS), default=_W.executor,
+                   help="--engine blocks: solve a block's weights on threads of this process, or as tasks on "
+                        "a Ray cluster (RAY_ADDRESS, else a local one; pip install 'onnxfgq[ray]'); same output")
     _add_data_args(q, default_samples=8)
     _add_lm_args(q)
     _add_static_args(q)
@@ -207,7 +214,8 @@ def _calibrated_args(args: argparse.Namespace) -> dict:
         out["calibration"] = args.calibration
     for name, field_ in (("calib_samples", "calibration_samples"), ("calib_batch_size", "calibration_batch_size"),
                          ("gptq_damp", "gptq_damp"), ("act_order", "gptq_act_order"), ("sequential", "gptq_sequential"),
-                         ("target_bits", "target_bits"), ("engine", "engine")):
+                         ("target_bits", "target_bits"), ("engine", "engine"),
+                         ("executor", "executor")):
         if getattr(args, name, None) is not None:
             out[field_] = getattr(args, name)
     if getattr(args, "max_error", None) is not None and args.granularity == Granularity.ADAPTIVE.value:

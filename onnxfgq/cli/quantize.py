@@ -23,13 +23,18 @@ def cmd_quantize(args) -> int:
     check_lm_args(args)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     if args.model.is_dir():
+        if getattr(args, "resume", False):
+            raise ConfigError("--resume", "folder outputs are not checkpointed; give the model file")
         return _quantize_folder(args, config, external)
     out = args.output or _default_output(args.model, config)
     _check_outputs(args, out)
+    from onnxfgq.engine.checkpoint import work_folder_for
     from onnxfgq.graph import io
 
     with io.Staged(out) as staged:  # moved into place only after the evaluation and the report
-        report = quantize_file(args.model, staged.path, config, progress=rich_progress, external=external)
+        # the work folder sits beside the final output, so that --resume finds it again
+        report = quantize_file(args.model, staged.path, config, progress=rich_progress, external=external,
+                               resume=getattr(args, "resume", False), work_dir=work_folder_for(out))
         return _finish(args, report, staged, custom_ops=config.weights.resolved_format() is OutputFormat.CUSTOM)
 
 

@@ -4,7 +4,10 @@ A block's solves are grouped by the input tensor the weights read (q, k and v sh
 its statistics and GPTQ's factorisation of them, so they solve one after another in one group); a
 group is ``solve_group(wc, stats, items)``, a pure function of its arguments. Groups run in
 parallel, and the results are taken back in the block's weight order, so the output does not depend
-on which group finishes first, nor on the executor.
+on which group finishes first. Every solve runs with one BLAS thread (``SOLVE_BLAS_THREADS``): OpenBLAS
+splits some products differently for other thread counts, which changed GPTQ codes here (1 vs 2
+threads); pinned, the output is the same on every executor and every machine's core count, and the
+parallelism comes from solving groups at once.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
 from onnxfgq.algorithms.stats import ActivationStats
 from onnxfgq.config import EXECUTORS, ConfigError, WeightConfig
 
+SOLVE_BLAS_THREADS = 1
+
 
 def solve_group(wc: WeightConfig, stats: ActivationStats, items: Sequence[tuple[np.ndarray, QuantSpec]]
                 ) -> list[QuantizedWeight]:
@@ -31,24 +36,37 @@ def solve_group(wc: WeightConfig, stats: ActivationStats, items: Sequence[tuple[
     return [solver.solve(w, spec) for w, spec in items]
 
 
+def solve_group_pinned(wc: WeightConfig, stats: ActivationStats, items) -> list[QuantizedWeight]:
+    """``solve_group`` with the process's BLAS at ``SOLVE_BLAS_THREADS`` (a Ray worker's whole task)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(SOLVE_BLAS_THREADS, user_api="blas"):
+        return solve_group(wc, stats, items)
+
+
 class ThreadExecutor:
     """Groups on a pool of threads (numpy releases the GIL in the linear algebra)."""
 
     name = "threads"
 
     def __init__(self, workers: int = 0):
-        self.workers = workers or min(2, os.cpu_count() or 1)
+        self.workers = workers or os.cpu_count() or 1
 
     def map(self, wc: WeightConfig, groups: list[tuple[ActivationStats, list]]) -> Iterator[list[QuantizedWeight]]:
-        """Each group's solved weights, in the order of ``groups``."""
-        if self.workers <= 1 or len(groups) <= 1:
-            yield from (solve_group(wc, st, items) for st, items in groups)
-            return
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futures = [pool.submit(solve_group, wc, st, items) for st, items in groups]
-            del groups
-            for f in futures:
-                yield f.result()
+        """Each group's solved weights, in the order of ``groups``. The BLAS limit is process-wide, so
+        it is set once around the pool (a per-thread limit would be undone by the first to finish)."""
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(SOLVE_BLAS_THREADS, user_api="blas"):
+            if self.workers <= 1 or len(groups) <= 1:
+                for st, items in groups:
+                    yield solve_group(wc, st, items)
+                return
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                futures = [pool.submit(solve_group, wc, st, items) for st, items in groups]
+                del groups
+                for f in futures:
+                    yield f.result()
 
     def close(self) -> None:
         pass
@@ -70,7 +88,7 @@ class RayExecutor:
         if self.started:
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False,
                      configure_logging=False)
-        self.task = ray.remote(num_cpus=1)(solve_group)
+        self.task = ray.remote(num_cpus=1)(solve_group_pinned)
 
     def map(self, wc: WeightConfig, groups: list[tuple[ActivationStats, list]]) -> Iterator[list[QuantizedWeight]]:
         """Each group's solved weights, in the order of ``groups`` (the tasks run in any order)."""
