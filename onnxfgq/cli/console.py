@@ -50,7 +50,7 @@ def plain_progress(items: Iterable, total: int, label: str, *, every: float = LO
     (done/total, elapsed, an estimate of what is left), and one when it ends if it took that long or
     is a step of a block-by-block run ("block ..." labels: one line per block and step)."""
     stream = stream or sys.stderr
-    start = last = clock()
+    start = last = now = clock()
     done = 0
     for item in items:
         yield item
@@ -61,7 +61,7 @@ def plain_progress(items: Iterable, total: int, label: str, *, every: float = LO
             of = f"/{total}" if total else ""
             print(f"onnxfgq: {label}: {done}{of}, {_duration(now - start)} elapsed{left}", file=stream, flush=True)
             last = now
-    took = clock() - start
+    took = now - start  # up to the end of the last item's work
     if took >= every or label.startswith("block "):
         print(f"onnxfgq: {label}: {done} done in {_duration(took)}", file=stream, flush=True)
 

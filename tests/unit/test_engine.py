@@ -158,3 +158,26 @@ def test_column_chunked_solve_is_exact(parts):
     np.testing.assert_allclose(chunked.qparams.scale, whole.qparams.scale, rtol=1e-5)
     assert np.mean(chunked.qparams.zero_point == whole.qparams.zero_point) >= 0.999
     np.testing.assert_allclose(chunked.dequantize(), whole.dequantize(), rtol=1e-4, atol=1e-5)
+
+
+def test_plain_progress_lines_are_periodic_with_an_estimate():
+    """stderr not a terminal: a line at most every 10 s (done/total, elapsed, what is left), one at the end
+    of a long loop, and one per block step whatever its length."""
+    import io
+
+    from onnxfgq.cli.console import plain_progress
+
+    ticks = iter(range(0, 1000, 4))  # each item takes 4 s on this clock
+    out = io.StringIO()
+    items = list(plain_progress(range(10), 10, "quantizing", stream=out, clock=lambda: next(ticks)))
+    assert items == list(range(10))
+    assert out.getvalue().splitlines() == [
+        "onnxfgq: quantizing: 3/10, 12 s elapsed, about 28 s left",
+        "onnxfgq: quantizing: 6/10, 24 s elapsed, about 16 s left",
+        "onnxfgq: quantizing: 9/10, 36 s elapsed, about 4.0 s left",
+        "onnxfgq: quantizing: 10 done in 40 s"]
+    quick, steps = io.StringIO(), io.StringIO()
+    list(plain_progress(range(3), 3, "quantizing", stream=quick, clock=lambda: 0.0))
+    list(plain_progress(range(2), 2, "block 2/9 statistics", stream=steps, clock=lambda: 0.0))
+    assert quick.getvalue() == ""  # a short run stays quiet
+    assert steps.getvalue() == "onnxfgq: block 2/9 statistics: 2 done in 0.0 s\n"

@@ -78,6 +78,11 @@ def test_killed_run_resumes_to_the_same_bytes(llama, tmp_path, sig):
     done = cli("quantize", llama, "-o", out, *FLAGS, "--resume")
     assert done.returncode == 0, done.stderr
     assert "--resume: 3 of 5 blocks read back" in done.stdout
+    # stderr is a pipe here: plain progress lines, one per step of each block this run worked on
+    steps = [line for line in done.stderr.splitlines() if line.startswith("onnxfgq: block ")]
+    assert [line.split(":")[1].split(" (")[0].strip() for line in steps] == [
+        "block 4/5 statistics", "block 4/5 solve 3 weights", "block 5/5 statistics", "block 5/5 solve 1 weight"]
+    assert "about" in steps[-1] and "left" in steps[-1], steps  # an estimate once a block is done
     for name in ("q.onnx", "q.onnx.data"):
         assert (out.parent / name).read_bytes() == (reference.parent / name).read_bytes(), name
     leftovers = sorted(p.name for p in out.parent.iterdir())
