@@ -223,6 +223,8 @@ class ActivationConfig:
     guard_samples: int = 64  # calibration samples the accuracy guard measures on
     op_types: tuple[str, ...] = STATIC_OP_TYPES
     neighbours: bool = True  # also Add/Mul/Concat/pooling between quantized nodes
+    cle: bool = True  # cross-layer equalisation of Conv -> [Relu] -> Conv pairs (exact in float)
+    bias_correction: bool = True  # fold the expected output shift of weight rounding into the bias
 
     def error_budget(self) -> tuple[str, float] | None:
         """(metric, threshold) of ``max_error``, or None when the guard is off."""

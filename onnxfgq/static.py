@@ -22,12 +22,14 @@ import onnx_ir as ir
 
 from onnxfgq.calibration.collect import Collector
 from onnxfgq.calibration.feeds import FeedOptions
-from onnxfgq.calibration.observers import PercentileObserver, make_observer, quantization_snr_db
+from onnxfgq.algorithms.bias_correction import corrected_bias
+from onnxfgq.calibration.observers import MeanObserver, PercentileObserver, make_observer, quantization_snr_db
 from onnxfgq.calibration.sources import CalibrationDataReader, iterate
 from onnxfgq.config import ActivationConfig, ActivationType, QuantizeConfig, Simplify
 from onnxfgq.errors import NothingToQuantizeError, OnnxfgqError
 from onnxfgq.evaluate import OutputAgreement
 from onnxfgq.graph import external, io, passes, sanity
+from onnxfgq.graph.equalize import equalize, fold_affines
 from onnxfgq.graph.fold import fold_batchnorms
 from onnxfgq.graph.qdq_static import Plan, TensorQuant, Unit, WeightQuant, insert_qdq, plan_static
 from onnxfgq.quant import QParams, dequantize, qrange, quantize, sqnr_db
@@ -61,13 +63,15 @@ class Ranges:
     samples: int
     data: str = ""
     snr_db: dict[str, float] = field(default_factory=dict)  # estimated 8-bit SNR of each tensor at its range
+    means: dict[str, list[float]] = field(default_factory=dict)  # per-channel means of weighted ops' inputs
 
     def to_json(self) -> str:
         return json.dumps({"format": RANGES_FORMAT, "observer": self.observer, "samples": self.samples,
                            "data": self.data,
                            "tensors": {k: {"range": list(v), "minmax": list(self.minmax.get(k, v)),
                                            "snr_db": _finite_or_none(self.snr_db.get(k))}
-                                       for k, v in self.ranges.items()}}, indent=1)
+                                       for k, v in self.ranges.items()},
+                           "means": self.means}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Ranges:
@@ -77,7 +81,8 @@ class Ranges:
         t = d["tensors"]
         snr = {k: float(v["snr_db"]) if v.get("snr_db") is not None else float("inf") for k, v in t.items()}
         return cls({k: tuple(v["range"]) for k, v in t.items()}, {k: tuple(v["minmax"]) for k, v in t.items()},
-                   d.get("observer", ""), int(d.get("samples", 0)), d.get("data", ""), snr)
+                   d.get("observer", ""), int(d.get("samples", 0)), d.get("data", ""), snr,
+                   {k: list(map(float, v)) for k, v in d.get("means", {}).items()})
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -95,8 +100,9 @@ def load_ranges(path: str | Path) -> Ranges:
         raise CalibrationError(f"{path}: cannot read ranges ({exc})") from None
 
 
-def prepare(model: ir.Model, simplify: Simplify = Simplify.AUTO) -> tuple[ir.Model, list[str]]:
-    """Fold BatchNorm, simplify, and raise the opset to 13: the graph calibration and QDQ both see.
+def prepare(model: ir.Model, simplify: Simplify = Simplify.AUTO, *, cle: bool = True) -> tuple[ir.Model, list[str]]:
+    """Fold BatchNorm, simplify, fold constant Mul/Add into Convs, equalise Conv pairs (``cle``), and
+    raise the opset to 13: the graph calibration and QDQ both see. All exact in float.
 
     Deterministic, so tensor names in a ranges.json match a later run on the same model."""
     sanity.check(model)
@@ -109,6 +115,10 @@ def prepare(model: ir.Model, simplify: Simplify = Simplify.AUTO) -> tuple[ir.Mod
         notes.append(result.note)
         bn_notes = fold_batchnorms(model)  # onnxsim may expose more; only what is still left is news
     notes += bn_notes
+    notes += fold_affines(model)
+    if cle:
+        notes += equalize(model)
+    passes.remove_unused(model)
     float16 = any(v.dtype == ir.DataType.FLOAT16 for v in (*model.graph.inputs, *model.graph.initializers.values()))
     note = passes.upgrade_opset(model, FLOAT16_OPSET if float16 else STATIC_OPSET)
     if note:
@@ -125,6 +135,12 @@ def calibrate(model: ir.Model, plan: Plan, reader: CalibrationDataReader, config
     extremes = {n: PercentileObserver(percentile=100.0) for n in names}  # exact extremes + a histogram
     counter = _CountingReader(reader)
     sinks = {n: [observers[n], extremes[n]] for n in names}
+    means = {}
+    if config.bias_correction:  # one running mean per channel of each weighted op's input
+        for u in plan.active:
+            if u.weight_index is not None and u.inputs and u.inputs[0] not in means:
+                means[u.inputs[0]] = MeanObserver(1 if u.node.op_type in ("Conv", "ConvTranspose") else -1)
+                sinks.setdefault(u.inputs[0], []).append(means[u.inputs[0]])
     Collector(model, names).run(counter, sinks, progress=progress, total=total)
     if not counter.samples and names:
         raise CalibrationError("the calibration data source gave no samples")
@@ -135,7 +151,8 @@ def calibrate(model: ir.Model, plan: Plan, reader: CalibrationDataReader, config
         lo, hi = ranges[n]
         h = extremes[n].hists[0]
         snr[n] = quantization_snr_db(h, min(lo, 0.0), max(hi, 0.0), 8) if h.width > 0 else float("inf")
-    return Ranges(ranges, minmax, config.observer.value, counter.samples, data, snr)
+    return Ranges(ranges, minmax, config.observer.value, counter.samples, data, snr,
+                  {n: [float(v) for v in m.mean()] for n, m in means.items() if m.count})
 
 
 class _CountingReader:
@@ -152,8 +169,10 @@ class _CountingReader:
         return feed
 
 
-def _weight_quant(unit: Unit, x_scale: float | None) -> tuple[WeightQuant, float]:
-    """Per-channel symmetric int8 weight in [-127, 127] (no int16 saturation in u8s8 kernels), int32 bias."""
+def _weight_quant(unit: Unit, x_scale: float | None,
+                  mean_x: list[float] | None = None) -> tuple[WeightQuant, float]:
+    """Per-channel symmetric int8 weight in [-127, 127] (no int16 saturation in u8s8 kernels), int32 bias;
+    with ``mean_x`` (the input's per-channel mean) the bias is corrected for the weight's rounding."""
     w = unit.weight().astype(np.float32)
     axis = unit.weight_axis
     block = tuple(1 if i == axis else d for i, d in enumerate(w.shape))
@@ -166,10 +185,30 @@ def _weight_quant(unit: Unit, x_scale: float | None) -> tuple[WeightQuant, float
     wq_sqnr = sqnr_db(w, dequantize(codes, qp))
     per_channel = scale.reshape(-1)
     bias = unit.bias()
+    if mean_x is not None and x_scale is not None:
+        bias = _corrected_bias(unit, w, dequantize(codes, qp), bias, np.asarray(mean_x))
     b_codes = b_scale = None
     if bias is not None and x_scale is not None and bias.size == per_channel.size:
         b_codes, b_scale = quantize_bias(bias.reshape(-1), x_scale, per_channel)
     return WeightQuant(codes.astype(np.int8), per_channel, axis, b_codes, b_scale), wq_sqnr
+
+
+def _corrected_bias(unit: Unit, w: np.ndarray, w_q: np.ndarray, bias: np.ndarray | None,
+                    mean_x: np.ndarray) -> np.ndarray | None:
+    """The bias with the expected output shift of ``w -> w_q`` removed; unchanged where the op cannot
+    take a bias (MatMul, a Gemm without C) or the layout is not [out, in, ...]-convertible."""
+    op = unit.node.op_type
+    if op == "Conv":
+        group = unit.node.attributes.get_int("group", 1)
+        if mean_x.size != w.shape[1] * group:
+            return bias
+        return corrected_bias(bias, w, w_q, mean_x, group)
+    if op == "Gemm" and bias is not None and w.ndim == 2:
+        w_oi, wq_oi = (w, w_q) if unit.weight_axis == 0 else (w.T, w_q.T)
+        if mean_x.size != w_oi.shape[1] or bias.size != w_oi.shape[0]:
+            return bias
+        return corrected_bias(bias, w_oi, wq_oi, mean_x)
+    return bias
 
 
 def _tensor_quant(lo: float, hi: float, config: ActivationConfig) -> TensorQuant:
@@ -189,7 +228,8 @@ def build(prepared: ir.Model, names: set[str], ranges: Ranges, config: Activatio
     for u in units:
         if u.weight_index is not None:
             x = tensors.get(u.inputs[0]) if u.inputs else None
-            weights[u.name] = _weight_quant(u, x.scale if x else None)[0]
+            mean = ranges.means.get(u.inputs[0]) if config.bias_correction and u.inputs else None
+            weights[u.name] = _weight_quant(u, x.scale if x else None, mean)[0]
     insert_qdq(model, units, tensors, weights)
     passes.remove_unused(model)
     return model
@@ -267,7 +307,7 @@ def quantize_static(model: ir.Model, config: QuantizeConfig, *, data: ReaderFact
     config.validate()
     started = time.perf_counter()
     report = Report(config=json.loads(config.to_json()))
-    prepared, notes = prepare(model, config.simplify)
+    prepared, notes = prepare(model, config.simplify, cle=act.cle)
     report.notes += notes
     plan = plan_static(prepared.graph, act.op_types, _neighbour_ops(act))
     if not plan.active:
@@ -480,7 +520,7 @@ def calibrate_file(model_path: str | Path, out_path: str | Path, act: Activation
                                          option="--data")
     if factory is None:
         raise CalibrationError(f"--data {act.calibration!r}: not a data source")
-    prepared, _ = prepare(source, simplify)
+    prepared, _ = prepare(source, simplify, cle=act.cle)
     plan = plan_static(prepared.graph, act.op_types, _neighbour_ops(act))
     ranges = calibrate(prepared, plan, factory(), act, progress=progress, total=_batches(act), data=label)
     save_ranges(ranges, out_path)

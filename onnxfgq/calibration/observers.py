@@ -288,3 +288,24 @@ def make_observer(kind: str, axis: int | None = None, **options) -> Observer:
     except KeyError:
         raise ValueError(f"unknown observer {kind!r}; choose one of {sorted(OBSERVERS)}") from None
     return factory(axis, **options)
+
+
+class MeanObserver:
+    """Running mean per channel (``axis``; negative counts from the end): a sum and a count per channel,
+    the statistic bias correction needs. A Collector sink like the range observers."""
+
+    def __init__(self, axis: int = 1):
+        self.axis = axis
+        self.sum: np.ndarray | None = None
+        self.count = 0
+
+    def __call__(self, x: np.ndarray) -> None:
+        rows = _channels_first(x, self.axis % np.ndim(x))
+        finite = np.where(np.isfinite(rows), rows, 0.0)
+        self.sum = finite.sum(axis=1) if self.sum is None else self.sum + finite.sum(axis=1)
+        self.count += rows.shape[1]
+
+    def mean(self) -> np.ndarray:
+        if self.sum is None or not self.count:
+            raise ValueError("MeanObserver: no data observed")
+        return self.sum / self.count

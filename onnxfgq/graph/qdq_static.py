@@ -27,6 +27,9 @@ CORE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 NEIGHBOUR_OPS = ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
 # Ops a value passes through on its way between quantized nodes (ORT drops or fuses QDQ around them).
 CHAIN_OPS = ("Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+# Core ops whose output is quantized too: onnxruntime fuses DQ -> Conv -> Q into QLinearConv only with a
+# Q on the output (DQ -> MatMul / Gemm already fuse to int8 kernels with a float output).
+OUTPUT_OPS = ("Conv",)
 # A constant of at least this magnitude is mask-like (BERT-style -10000, or finfo.min).
 MASK_MAGNITUDE = 1e4
 # Mask-likeness stops at ops whose output range no longer depends on the mask's magnitude.
@@ -156,6 +159,21 @@ def _core_unit(node: ir.Node) -> Unit | None:
     return None
 
 
+def _output_after_chain(node: ir.Node) -> ir.Value | None:
+    """The tensor to quantize after a core node: its output, or the end of a single-consumer Relu/Clip
+    chain (onnxruntime folds those into the quantized range); None for a graph output or an integer."""
+    v = node.outputs[0]
+    while True:
+        if v is None or v.is_graph_output() or not _is_float(v):
+            return None
+        uses = list(v.uses())
+        if len(uses) == 1 and uses[0].node.op_type in ("Relu", "Clip") and _is_std(uses[0].node) \
+                and uses[0].idx == 0:
+            v = uses[0].node.outputs[0]
+            continue
+        return v
+
+
 def _consumers_through_chain(v: ir.Value) -> list[ir.Node]:
     """Nodes reached from ``v`` through CHAIN_OPS (the pass-through ops themselves excluded)."""
     out, todo, seen = [], [v], set()
@@ -215,6 +233,13 @@ def plan_static(graph: ir.Graph, op_types: Collection[str] = CORE_OPS,
                 continue
             units[id(node)] = Unit(node, [v.name for v in ins], [node.outputs[0].name])
             changed = True
+
+    for k in core_ids:  # after the neighbours: a Conv whose output one of them quantizes shares its Q
+        u = units[k]
+        if u.node.op_type in OUTPUT_OPS:
+            out = _output_after_chain(u.node)
+            if out is not None:
+                u.outputs = [out.name]
 
     ordered = [units[id(n)] for n in graph if id(n) in units]
     for u in ordered:
@@ -320,13 +345,16 @@ def insert_qdq(model: ir.Model, units: Collection[Unit], tensors: Mapping[str, T
             v = values[name]
             uses = [(use.node, use.idx) for use in v.uses()]
             graph_out = v.is_graph_output()
-            dq = b.qdq(v, tensors[name], node)
+            dq = b.qdq(v, tensors[name], v.producer())
             for user, idx in uses:
                 user.replace_input_with(idx, dq)
             if graph_out:  # the graph keeps its output name
                 idx = list(graph.outputs).index(v)
                 graph.outputs[idx] = dq
         wq = weights.get(u.name)
+        if wq is not None and wq.bias_codes is not None and u.bias_index is None and node.op_type == "Conv":
+            node.resize_inputs(3)  # a corrected bias for a Conv that had none
+            u.bias_index = 2
         if wq is not None and u.weight_index is not None:
             b.weight_dq(node, u.weight_index, f"{u.name}.weight", wq.codes, wq.scale, wq.axis, np.int8)
             # An int32 bias with a float16 scale (activation scale x weight scale) would underflow:
