@@ -131,6 +131,10 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
         simplified = io.simplify(ir_model)
         ir_model = simplified.model
         report.notes.append(simplified.note)
+    if config.rotate:  # before anything reads a weight: calibration then sees the rotated float model
+        from onnxfgq.graph import rotate
+
+        report.notes += rotate.apply(ir_model, config.rotate_seed).notes
     wc = config.weights
     fmt = wc.resolved_format()
     if fmt is OutputFormat.MATMULNBITS and wc.accuracy_level != 4:

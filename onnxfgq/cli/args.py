@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default {_S.lm_head.value}")
     q.add_argument("--simplify", choices=[v.value for v in Simplify], default=QuantizeConfig().simplify.value,
                    help="onnxsim first: auto runs it only when a weight is computed from constants")
+    q.add_argument("--rotate", action="store_true", default=QuantizeConfig().rotate,
+                   help="fold randomized Hadamard rotations into the float weights before quantizing (QuaRot/"
+                        "SpinQuant R1 on the residual stream through RMS norms, R2 per attention head on V/O; "
+                        "same float function, no extra op); the report says what was rotated")
+    q.add_argument("--rotate-seed", type=int, default=QuantizeConfig().rotate_seed, metavar="N",
+                   help="seed of the --rotate rotations (random signs; recorded in the report)")
     q.add_argument("--external-data", choices=["auto", "always", "never"], default="auto")
     q.add_argument("--report", type=Path, metavar="OUT.json", help="write the report as JSON")
     q.add_argument("--no-eval", action="store_true", help="skip the accuracy comparison")
@@ -173,7 +179,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
                           lm_head=LMHead(args.lm_head))
     _check_regexes(selection)
     config = QuantizeConfig(weights=weights, selection=selection, simplify=Simplify(args.simplify),
-                            feeds=FeedConfig(tokenizer=str(args.tokenizer or ""), dims=parse_dims(args.dim)))
+                            feeds=FeedConfig(tokenizer=str(args.tokenizer or ""), dims=parse_dims(args.dim)),
+                            rotate=bool(getattr(args, "rotate", False)), rotate_seed=getattr(args, "rotate_seed", 0))
     if getattr(args, "activations", None):
         config = dataclasses.replace(config, activations=activation_config_from_args(args))
     config.validate()
