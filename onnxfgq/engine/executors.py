@@ -23,6 +23,15 @@ from onnxfgq.algorithms.stats import ActivationStats
 from onnxfgq.config import EXECUTORS, ConfigError, WeightConfig
 
 SOLVE_BLAS_THREADS = 1
+PARALLEL_BYTES = 1 << 30  # groups solve at once only while their estimated working memory fits this
+
+
+def solve_bytes(group: tuple[ActivationStats, list]) -> int:
+    """Working memory of a group's solves, roughly: GPTQ holds the float64 Hessian, its inverse
+    factor and a temporary of the same size, and each weight in float64 with its error."""
+    stats, items = group
+    k = items[0][0].shape[0] if items else 0
+    return 3 * 8 * k * k + sum(2 * 8 * w.size for w, _ in items)
 
 
 def solve_group(wc: WeightConfig, stats: ActivationStats, items: Sequence[tuple[np.ndarray, QuantSpec]]
@@ -45,12 +54,14 @@ def solve_group_pinned(wc: WeightConfig, stats: ActivationStats, items) -> list[
 
 
 class ThreadExecutor:
-    """Groups on a pool of threads (numpy releases the GIL in the linear algebra)."""
+    """Groups on a pool of threads (numpy releases the GIL in the linear algebra), as many at once as
+    fit ``budget`` bytes of estimated working memory (a 7B down-projection's solve alone is ~3 GB)."""
 
     name = "threads"
 
-    def __init__(self, workers: int = 0):
+    def __init__(self, workers: int = 0, budget: int = PARALLEL_BYTES):
         self.workers = workers or os.cpu_count() or 1
+        self.budget = budget
 
     def map(self, wc: WeightConfig, groups: list[tuple[ActivationStats, list]]) -> Iterator[list[QuantizedWeight]]:
         """Each group's solved weights, in the order of ``groups``. The BLAS limit is process-wide, so
@@ -63,10 +74,20 @@ class ThreadExecutor:
                     yield solve_group(wc, st, items)
                 return
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                futures = [pool.submit(solve_group, wc, st, items) for st, items in groups]
-                del groups
-                for f in futures:
-                    yield f.result()
+                futures = {}
+                running: dict[int, int] = {}  # group -> its estimated memory, while it runs
+                nxt = 0
+                for i in range(len(groups)):
+                    # start groups in order while they fit the memory budget (always at least one)
+                    while nxt < len(groups) and len(running) < self.workers and (
+                            not running or sum(running.values()) + solve_bytes(groups[nxt]) <= self.budget):
+                        running[nxt] = solve_bytes(groups[nxt])
+                        futures[nxt] = pool.submit(solve_group, wc, *groups[nxt])
+                        nxt += 1
+                    result = futures.pop(i).result()
+                    running.pop(i, None)
+                    groups[i] = None  # its weights and statistics are no longer needed here
+                    yield result
 
     def close(self) -> None:
         pass

@@ -34,8 +34,9 @@ def _groups(seed: int = 0) -> list[tuple[ActivationStats, list]]:
 def test_threads_give_the_codes_of_one_thread_in_any_order():
     one = list(ThreadExecutor(workers=1).map(WC, _groups()))
     many = list(ThreadExecutor(workers=3).map(WC, _groups()[::-1]))[::-1]  # submitted in reverse
-    assert len(one) == len(many) == 3
-    for a, b in zip(one, many):
+    tight = list(ThreadExecutor(workers=3, budget=0).map(WC, _groups()))  # memory budget: one at a time
+    assert len(one) == len(many) == len(tight) == 3
+    for a, b in [*zip(one, many), *zip(one, tight)]:
         for qa, qb in zip(a, b):
             assert np.array_equal(qa.codes, qb.codes)
             assert np.array_equal(qa.qparams.scale, qb.qparams.scale)

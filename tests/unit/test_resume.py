@@ -79,7 +79,7 @@ def test_killed_run_resumes_to_the_same_bytes(llama, tmp_path, sig):
     assert done.returncode == 0, done.stderr
     assert "--resume: 3 of 5 blocks read back" in done.stdout
     # stderr is a pipe here: plain progress lines, one per step of each block this run worked on
-    steps = [line for line in done.stderr.splitlines() if line.startswith("onnxfgq: block ")]
+    steps = [line for line in done.stderr.splitlines() if line.startswith("onnxfgq: block ") and " done in " in line]
     assert [line.split(":")[1].split(" (")[0].strip() for line in steps] == [
         "block 4/5 statistics", "block 4/5 solve 3 weights", "block 5/5 statistics", "block 5/5 solve 1 weight"]
     assert "about" in steps[-1] and "left" in steps[-1], steps  # an estimate once a block is done
