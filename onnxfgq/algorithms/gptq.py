@@ -184,7 +184,7 @@ def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, qp: QParams) -
     except np.linalg.LinAlgError:
         return qp
     old = qp.scale.T.astype(np.float64)
-    s = np.where(np.isfinite(s) & (s > 0), s, old)
+    s = np.where(np.isfinite(s) & (s * old > 0), s, old)  # same sign: symmetric scales may be negative
     return QParams(np.ascontiguousarray(s.T).astype(np.float32), qp.zero_point, qp.block_shape, qp.qr)
 
 

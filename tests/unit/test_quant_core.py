@@ -32,14 +32,15 @@ def reference_groupwise(w: np.ndarray, group: int, bits: int, symmetric: bool, s
     for col in range(n):
         for start in range(0, k, group):
             block = w[start:start + group, col].astype(np.float64)
-            if symmetric:
-                scale = float(np.float32(np.float32(np.abs(block).max()) / np.float32((qmax - qmin) / 2)))
+            if symmetric:  # the extreme (with its sign) maps to the lowest code: scale -extreme / 2**(bits-1)
                 zp = (qmin + qmax + 1) // 2
+                extreme = block.max() if block.max() >= -block.min() else block.min()
+                scale = float(np.float32(-np.float32(extreme) / np.float32(zp - qmin)))
             else:
                 lo, hi = min(float(block.min()), 0.0), max(float(block.max()), 0.0)
                 scale = float(np.float32((np.float32(hi) - np.float32(lo)) / np.float32(qmax - qmin)))
                 zp = int(np.clip(np.round(qmin - np.float32(lo) / np.float32(scale or 1.0)), qmin, qmax))
-            scale = scale if scale > 1e-12 else 1.0
+            scale = scale if abs(scale) > 1e-12 else 1.0
             for i, v in enumerate(block):
                 q = int(np.clip(np.round(np.float32(v) / np.float32(scale)) + zp, qmin, qmax))
                 codes[start + i, col] = q
@@ -71,8 +72,8 @@ def test_error_bound_half_step(bits, symmetric):
     w = rng.standard_normal((200, 9)).astype(np.float32)
     qp = compute_qparams(w, (64, 1), bits, symmetric=symmetric, signed=False)
     err = np.abs(fake_quantize(w, qp) - w)
-    step = np.repeat(qp.scale, 64, axis=0)[:200]
-    # symmetric ranges lose one code at the top: allow that single clipped step there
+    step = np.abs(np.repeat(qp.scale, 64, axis=0)[:200])
+    # symmetric ranges have one code fewer on the side opposite the extreme: one step clipped there
     bound = step * (1.0 if symmetric else 0.5) + 1e-6
     assert np.all(err <= bound)
 
@@ -94,7 +95,11 @@ def test_per_channel_conv_layout():
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
     qp = compute_qparams(w, (1, 3, 3, 3), 8, symmetric=True, signed=True)
     assert qp.scale.shape == (8, 1, 1, 1)
-    np.testing.assert_allclose(qp.scale.reshape(-1), np.abs(w).reshape(8, -1).max(1) / 127.5, rtol=1e-6)
+    flat = w.reshape(8, -1)
+    extreme = flat[np.arange(8), np.abs(flat).argmax(1)]
+    np.testing.assert_allclose(qp.scale.reshape(-1), -extreme / 128, rtol=1e-6)
+    deq = fake_quantize(w, qp).reshape(8, -1)
+    np.testing.assert_allclose(deq[np.arange(8), np.abs(flat).argmax(1)], extreme, rtol=1e-6)  # the extreme is exact
     assert sqnr_db(w, fake_quantize(w, qp)) > 38
 
 
@@ -163,3 +168,42 @@ def test_sqnr():
     x = np.array([1.0, -2.0, 3.0])
     assert sqnr_db(x, x) == float("inf")
     assert sqnr_db(x, x * 1.1) == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("k, block", [(256, 32), (384, 128), (123, 16)])
+def test_symmetric_int4_matches_onnxruntime_blockwise(k, block):
+    """Symmetric 4-bit blocks are onnxruntime's own (MLAS ``quantize_matmul_4bits``, what its
+    MatMulNBitsQuantizer and the genai builder write): same signed scales, same codes."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rng = np.random.default_rng(k)
+    n = 24
+    w = (rng.standard_normal((k, n)) * rng.uniform(0.01, 2, (1, n))).astype(np.float32)
+    kb = math.ceil(k / block)
+    padded = np.pad(w, ((0, kb * block - k), (0, 0)))
+    packed = np.zeros((n, kb, block // 2), np.uint8)
+    scales = np.zeros((n, kb), np.float32)
+    quantize_matmul_4bits(packed, padded, scales, np.zeros((n, (kb + 1) // 2), np.uint8), block, n, kb * block, True)
+    qp = compute_qparams(w, (block, 1), 4, symmetric=True, signed=False)
+    np.testing.assert_allclose(qp.scale.T, scales, rtol=1e-6, atol=0)
+    assert (scales < 0).any() and (scales > 0).any()  # both signs occur, as in onnxruntime
+    ort_codes = np.stack([packed & 15, packed >> 4], -1).reshape(n, kb * block)[:, :k].T
+    np.testing.assert_array_equal(quantize(w, qp), ort_codes)
+
+
+def test_symmetric_grid_beats_half_step_rule():
+    """Mapping the extreme to the lowest code (all 16 levels, step extreme/8) rounds Gaussian weights
+    more finely than a positive absmax/7.5 scale (step absmax/7.5, half a step unused at each end)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((1024, 64)).astype(np.float32)
+    new = sqnr_db(w, fake_quantize(w, compute_qparams(w, (128, 1), 4, symmetric=True, signed=False)))
+    _, old_deq = reference_half_step(w, 128)
+    assert new > sqnr_db(w, old_deq) + 0.3
+
+
+def reference_half_step(w: np.ndarray, group: int):
+    """The earlier symmetric rule, absmax / 7.5 with zero point 8, for comparison."""
+    blocks = w.reshape(-1, group, w.shape[1])
+    scale = np.abs(blocks).max(1, keepdims=True) / 7.5
+    codes = np.clip(np.round(blocks / scale) + 8, 0, 15)
+    return codes.reshape(w.shape), ((codes - 8) * scale).reshape(w.shape)
