@@ -208,8 +208,9 @@ class ActivationConfig:
 
     ``calibration`` is a data source spec (see ``onnxfgq.calibration.sources``) or a ranges.json
     written by ``onnxfgq calibrate``. ``max_error`` is the accuracy guard's budget on the model's
-    output against FP32, measured on calibration data: ``cosine:0.99`` (mean cosine at least 0.99)
-    or ``sqnr:30`` (at least 30 dB); ``none`` turns the guard off.
+    output against FP32, measured on calibration data: ``cosine:0.99`` (mean cosine at least 0.99),
+    ``sqnr:30`` (at least 30 dB) or ``top1:0.99`` (the argmax of at least 99% of the output rows
+    unchanged: classifiers, CTC recognisers); ``none`` turns the guard off.
     """
 
     dtype: ActivationType = ActivationType.UINT8
@@ -234,8 +235,9 @@ class ActivationConfig:
         metric, sep, value = text.partition(":")
         if not sep:
             metric, value = ("cosine" if _is_number(text) and float(text) <= 1 else "sqnr"), text
-        if metric not in ("cosine", "sqnr") or not _is_number(value):
-            raise ConfigError("--max-error", f"expected cosine:FLOAT, sqnr:DB or none, got {self.max_error!r}")
+        if metric not in ("cosine", "sqnr", "top1") or not _is_number(value):
+            raise ConfigError("--max-error", f"expected cosine:FLOAT, sqnr:DB, top1:FLOAT or none, "
+                                             f"got {self.max_error!r}")
         return metric, float(value)
 
     def validate(self) -> None:

