@@ -85,6 +85,11 @@ class Norm:
     mean_subtracting: bool = False
     beta: bool = False  # LayerNormalization with a bias
 
+    def beta_values(self) -> tuple[float, ...] | None:
+        node = self.output.producer()
+        chain = constant_chain(node.inputs[2]) if node is not None and len(node.inputs) > 2 else None
+        return None if chain is None else tuple(float(x) for x in chain.array().reshape(-1))
+
     def gamma(self) -> np.ndarray | None:
         if self.gamma_slot is None:
             return None
@@ -189,11 +194,12 @@ class Edit:
     gamma: tuple[float, ...] | None = None
     span: tuple[int, int] | None = None  # head_out: the V columns
     head: int = 0  # R2: the head size
+    center: bool = False  # R1 over a LayerNorm stream: writers' outputs (and readers' inputs) mean-free
 
     @property
     def spec(self) -> tuple:
         """What is done, whatever the node (equal specs on one tensor give one rotated copy)."""
-        return (self.what, self.rotation, self.gamma, self.span, self.head)
+        return (self.what, self.rotation, self.gamma, self.span, self.head, self.center)
 
 
 @dataclass
@@ -207,6 +213,8 @@ class Found:
     r2_skipped: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     cached: bool = False  # some rotated V reaches a KV cache output
+    centered: bool = False  # pre-LN LayerNorm stream: made mean-free, the norms become RMS norms
+    shifts: list[tuple[ir.Node, int, bool, tuple[float, ...]]] = field(default_factory=list)  # readers, beta
 
 
 def _matmul_weight(node: ir.Node) -> tuple[int, bool] | None:
@@ -296,15 +304,21 @@ def _stream(graph: ir.Graph, start: ir.Value, norms: list[Norm], hidden: int, fo
     found.norms = list(used.values())
     bad = [n for n in found.norms if n.mean_subtracting]
     if bad:
-        raise RotateError(f"{bad[0].label} subtracts the mean, which does not commute with a rotation of "
-                          f"the stream")
+        # Pre-LN (every norm reads the stream, the stream never passes through one): exact when the
+        # stream is made mean-free (writers' outputs centred) and each LayerNorm becomes an RMS norm.
+        problem = _centering_problem(found.norms)
+        if problem:
+            raise RotateError(f"{bad[0].label} subtracts the mean, which does not commute with a rotation of "
+                              f"the stream, and {problem}")
+        found.centered = True
     edits: list[Edit] = []
     seen: set[tuple[int, int]] = set()
+    center = found.centered
 
     def add(node: ir.Node, index: int, what: str, gamma=None) -> None:
         if (id(node), index) not in seen:
             seen.add((id(node), index))
-            edits.append(Edit(node, index, what, 0, gamma=gamma))
+            edits.append(Edit(node, index, what, 0, gamma=gamma, center=center))
 
     emb = start.producer()
     add(emb, 0, "out")
@@ -323,11 +337,37 @@ def _stream(graph: ir.Graph, start: ir.Value, norms: list[Norm], hidden: int, fo
         if g is not None and g.shape != (hidden,):
             raise RotateError(f"{norm.label}: scale of shape {g.shape}, not ({hidden},)")
         gamma = None if g is None else tuple(float(x) for x in g)
-        for node, index, transposed in _readers(norm.output):
+        beta = norm.beta_values() if norm.beta else None
+        try:
+            read = list(_readers(norm.output))
+        except RotateError:
+            if norm.mean_subtracting:
+                raise RotateError(f"{norm.label} subtracts the mean and its output is the residual stream "
+                                  f"(post-LN): a rotation does not commute with it") from None
+            raise
+        for node, index, transposed in read:
             add(node, index, "in_T" if transposed else "in", gamma)
+            if beta is not None and any(beta):
+                found.shifts.append((node, index, transposed, beta))
             readers += 1
     found.counts.update(writers=writers, readers=readers, norms=len(found.norms))
     return edits
+
+
+def _centering_problem(norms: list[Norm]) -> str | None:
+    """Why the LayerNorms of a stream cannot all become RMS norms over a mean-free stream, or None."""
+    for n in norms:
+        if n.kind != "LayerNormalization":
+            return f"{n.label} is not a plain LayerNormalization"
+        if not n.mean_subtracting:
+            return f"{n.label} (an RMS norm) sits on the same stream"
+        node = n.output.producer()
+        if node.attributes.get_int("axis", -1) != -1 and not (
+                node.inputs[0].shape is not None and node.attributes.get_int("axis", -1) == len(node.inputs[0].shape) - 1):
+            return f"{n.label} does not normalize the last axis only"
+        if any(o.uses() for o in node.outputs[1:]):
+            return f"{n.label}'s mean or inverse deviation is used"
+    return None
 
 
 def _shape_entry(value: ir.Value) -> tuple[ir.Value, int] | None:
@@ -472,8 +512,14 @@ def _v_proj(value: ir.Value) -> tuple[list[tuple[ir.Node, int, str]], int | None
     return None
 
 
-def _is_probs(value: ir.Value) -> bool:
-    return _producer(_through(value, ("Cast", "Identity", "Dropout")), "Softmax") is not None
+def _is_probs(value: ir.Value, depth: int = 0) -> bool:
+    """``value`` is attention probabilities: a Softmax, through casts and a NaN guard (optimum's
+    ``Where(IsNaN(p), 0, p)``)."""
+    value = _through(value, ("Cast", "Identity", "Dropout"))
+    if _producer(value, "Softmax") is not None:
+        return True
+    where = _producer(value, "Where")
+    return where is not None and depth < 4 and any(_is_probs(v, depth + 1) for v in where.inputs[1:])
 
 
 def _attentions(graph: ir.Graph) -> Iterator[tuple[list[tuple[ir.Node, int, str, tuple[int, int] | None]],
@@ -516,9 +562,11 @@ def _attentions(graph: ir.Graph) -> Iterator[tuple[list[tuple[ir.Node, int, str,
 
 
 # ---------------------------------------------------------------------------------------- applying
-def find(model: ir.Model) -> Found:
+def find(model: ir.Model, *, center: bool = False) -> Found:
+    """What the pass would rotate (``center``: the stream's LayerNorms were already turned RMS norms by
+    ``_to_rms_norms``, so writers and readers are centred)."""
     graph = model.graph
-    found = Found()
+    found = Found(centered=center)
     emb = token_embedding(graph)
     norms = find_norms(graph)
     if emb is None:
@@ -557,14 +605,15 @@ def _transform(a: np.ndarray, edit: Edit, rotations: dict[tuple[int, int], rot.R
         return rotations[key].matrix
 
     gamma = None if edit.gamma is None else np.asarray(edit.gamma)
+    c = edit.center
     if edit.what == "in":
-        return rot.rotate_input(a, r(a.shape[0]), gamma)
+        return rot.rotate_input(a, r(a.shape[0]), gamma, center=c)
     if edit.what == "in_T":  # Gemm transB: the node holds W^T [N, K]
-        return rot.rotate_input(a.T, r(a.shape[1]), gamma).T
+        return rot.rotate_input(a.T, r(a.shape[1]), gamma, center=c).T
     if edit.what == "out":
-        return rot.rotate_output(a, r(a.shape[-1]))
+        return rot.rotate_output(a, r(a.shape[-1]), center=c)
     if edit.what == "out_T":
-        return rot.rotate_output(a.T, r(a.shape[0])).T
+        return rot.rotate_output(a.T, r(a.shape[0]), center=c).T
     hd = edit.head
     if edit.what == "head_out":
         lo, hi = edit.span
@@ -581,6 +630,88 @@ class Applied:
     r2_layers: int = 0
 
 
+def _bias_slot(graph: ir.Graph, node: ir.Node, n: int, dtype: np.dtype) -> tuple[ir.Node, int]:
+    """Where the bias of reader ``node`` (a MatMul/Gemm of width ``n``) is: Gemm's C, the constant of the
+    one Add after it, or a zero bias Add inserted now."""
+    if _op(node, "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        chain = constant_chain(node.inputs[2])
+        if chain is not None and chain.array().size == n:
+            return node, 2
+    users = [u.node for u in node.outputs[0].uses() if not _op(u.node, "Shape", "Size")]
+    if len(users) == 1 and _op(users[0], "Add"):
+        add = users[0]
+        for i, v in enumerate(add.inputs):
+            chain = constant_chain(v)
+            if chain is not None and chain.array().shape == (n,) and add.inputs[1 - i] is node.outputs[0]:
+                return add, i
+    out = node.outputs[0]
+    name = _unique(graph, f"{node.name or out.name}_rotate_bias")
+    zeros = np.zeros(n, dtype)
+    bias = ir.Value(name=name, shape=ir.Shape((n,)), type=ir.TensorType(ir.DataType.from_numpy(zeros.dtype)),
+                    const_value=ir.tensor(zeros, name=name))
+    graph.register_initializer(bias)
+    add = ir.node("Add", [out, bias], name=name + "_Add")
+    add.outputs[0].name = name + "_out"
+    add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
+    uses = [(u.node, u.idx) for u in out.uses() if u.node is not add]
+    graph.insert_after(node, add)
+    for user, idx in uses:
+        user.replace_input_with(idx, add.outputs[0])
+    for i, g in enumerate(graph.outputs):
+        if g is out:  # the graph output keeps its name
+            graph.outputs[i] = add.outputs[0]
+            old_name = out.name
+            out.name = name + "_pre"
+            add.outputs[0].name = old_name
+    return add, 1
+
+
+def _to_rms_norms(model: ir.Model, found: Found) -> dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]]:
+    """Each LayerNormalization of a pre-LN stream becomes ``x / sqrt(mean(x^2) + eps) * gamma`` (equal once
+    the stream is mean-free), its beta moved into the readers' biases; returns ``{slot: (node, input, beta W)}``
+    for the biases to add it to."""
+    graph = model.graph
+    shifts: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = {}
+    opset = int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
+    for reader, index, transposed, beta in found.shifts:
+        w = constant_chain(reader.inputs[index]).array()
+        w = w.T if transposed else w
+        slot_node, slot = _bias_slot(graph, reader, w.shape[1], w.dtype)
+        shifts[(id(slot_node), slot)] = (slot_node, slot, rot.shifted_bias(None, np.asarray(beta), w))
+    for norm in found.norms:
+        ln = norm.output.producer()
+        x, gamma = ln.inputs[0], ln.inputs[1]
+        eps = ln.attributes.get_float("epsilon", 1e-5)
+        dtype = constant_chain(gamma).array().dtype
+        tag = _unique(graph, (ln.name or "ln") + "_rms")
+
+        def const(suffix: str, a: np.ndarray, tag: str = tag) -> ir.Value:
+            v = ir.Value(name=f"{tag}_{suffix}", shape=ir.Shape(a.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(a.dtype)), const_value=ir.tensor(a))
+            graph.register_initializer(v)
+            return v
+
+        sq = ir.node("Pow", [x, const("two", np.array(2, dtype))], name=f"{tag}_Pow")
+        if opset >= 18:
+            mean = ir.node("ReduceMean", [sq.outputs[0], const("axes", np.array([-1], np.int64))], name=f"{tag}_Mean")
+        else:
+            mean = ir.node("ReduceMean", [sq.outputs[0]], attributes={"axes": [-1]}, name=f"{tag}_Mean")
+        add = ir.node("Add", [mean.outputs[0], const("eps", np.array(eps, dtype))], name=f"{tag}_Add")
+        root = ir.node("Sqrt", [add.outputs[0]], name=f"{tag}_Sqrt")
+        div = ir.node("Div", [x, root.outputs[0]], name=f"{tag}_Div")
+        mul = ir.node("Mul", [div.outputs[0], gamma], name=f"{tag}_Scale")
+        nodes = [sq, mean, add, root, div, mul]
+        for i, n in enumerate(nodes):
+            n.outputs[0].name = f"{tag}_{i}"
+        out = norm.output
+        mul.outputs[0].type, mul.outputs[0].shape = out.type, out.shape
+        graph.insert_before(ln, nodes)
+        for user, idx in [(u.node, u.idx) for u in out.uses()]:
+            user.replace_input_with(idx, mul.outputs[0])
+        graph.remove(ln, safe=True)
+    return shifts
+
+
 def _unique(graph: ir.Graph, base: str) -> str:
     name, i = base, 0
     while name in graph.initializers:
@@ -594,6 +725,12 @@ def apply(model: ir.Model, seed: int = 0, *, r1: bool = True, r2: bool = True) -
     graph = model.graph
     found = find(model)
     result = Applied()
+    shifts: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = {}
+    layer_norms = 0
+    if r1 and found.r1_problem is None and found.centered:
+        layer_norms = len(found.norms)
+        shifts = _to_rms_norms(model, found)
+        found = find(model, center=True)
     edits: dict[tuple[int, int], list[Edit]] = {}
     order: list[tuple[ir.Node, int]] = []
 
@@ -608,29 +745,42 @@ def apply(model: ir.Model, seed: int = 0, *, r1: bool = True, r2: bool = True) -
     if use_r1:
         for e in found.r1:
             queue(e)
+    for key, (node, index, _) in shifts.items():  # reader biases that take a LayerNorm's beta
+        if key not in edits:
+            edits[key] = []
+            order.append((node, index))
     if r2:
         for group in found.r2:
             for e in group:
                 queue(e)
     rotations: dict[tuple[int, int], rot.Rotation] = {}
     made: dict[tuple, ir.Value] = {}
-    untied = False
+    by_root: dict[int, list[np.ndarray]] = {}
+    untied = ""
     for node, index in order:
         value = node.inputs[index]
         chain = constant_chain(value)
         todo = edits[(id(node), index)]
-        key = (chain.key, tuple(e.spec for e in todo))
+        shift = shifts.get((id(node), index))
+        key = (chain.key, tuple(e.spec for e in todo), id(node) if shift is not None else None)
         if key not in made:
             a = chain.array()
+            if shift is not None:  # beta W first: R2 may rotate this bias next
+                a = (a + shift[2]).astype(a.dtype)
             for e in todo:
                 a = _transform(a, e, rotations, seed)
+            for other in by_root.get(id(chain.root), []):  # a tied table and lm_head stay tied (one storage)
+                if rot.transposed_equal(a, other):
+                    a = np.ascontiguousarray(other.T)
+            by_root.setdefault(id(chain.root), []).append(a)
             name = _unique(graph, (chain.root.name or "w") + "_rot")
             new = ir.Value(name=name, shape=ir.Shape(a.shape), type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
                            const_value=ir.tensor(a, name=name))
             graph.register_initializer(new)
             made[key] = new
-        if any(k[0] == chain.key and k != key for k in made):
-            untied = True
+        if any(k[0] == chain.key and k != key for k in made) and not any(
+                rot.transposed_equal(a, b) for a in by_root[id(chain.root)] for b in by_root[id(chain.root)] if a is not b):
+            untied = untied or chain.root.name or "a constant"
         node.replace_input_with(index, made[key])
     if use_r1:
         for norm in found.norms:
@@ -646,11 +796,15 @@ def apply(model: ir.Model, seed: int = 0, *, r1: bool = True, r2: bool = True) -
         c = found.counts
         kinds = sorted({rotations[k].kind for k in rotations if k[0] == 0})
         result.r1 = True
+        if layer_norms:
+            result.notes.append(
+                f"rotate: {layer_norms} pre-LN LayerNormalizations made RMS norms over a mean-free stream (writers "
+                f"and embedding tables centred; their beta folded into {len(shifts)} reader biases): exact")
         result.notes.append(
             f"rotate (seed {seed}): R1 {'/'.join(kinds)} of size {found.hidden} on the residual stream: the "
             f"embedding, {c['writers']} writers (output side), {c['readers']} readers (input side, the scales of "
             f"{c['norms']} norms folded in: {', '.join(sorted({n.kind for n in found.norms}))})"
-            + ("; a weight shared by differently rotated nodes was copied (untied)" if untied else ""))
+            + (f"; {untied!r}, shared by differently rotated nodes, was copied (untied)" if untied else ""))
     elif r1:
         result.notes.append(f"rotate (seed {seed}): R1 not applied: {found.r1_problem or 'no residual stream found'}")
     if r2 and found.r2:

@@ -96,18 +96,35 @@ def _cast(x: np.ndarray, like: np.ndarray) -> np.ndarray:
     return x.astype(like.dtype, copy=False)
 
 
-def rotate_input(w: np.ndarray, r: np.ndarray, gamma: np.ndarray | None = None) -> np.ndarray:
-    """A weight ``[K, N]`` that reads the rotated, unscaled stream: ``R.T diag(gamma) W``."""
+def rotate_input(w: np.ndarray, r: np.ndarray, gamma: np.ndarray | None = None, *,
+                 center: bool = False) -> np.ndarray:
+    """A weight ``[K, N]`` that reads the rotated, unscaled stream: ``R.T diag(gamma) W``; with ``center``
+    ``R.T C diag(gamma) W`` (``C = I - 11^T/K``), equal on a mean-free input and keeping a tied
+    embedding tied (``(E C R)^T``) when gamma is 1."""
     w64 = np.asarray(w, np.float64)
     if gamma is not None:
         w64 = np.asarray(gamma, np.float64)[:, None] * w64
+    if center:
+        w64 = w64 - w64.mean(0, keepdims=True)
     return _cast(r.T @ w64, w)
 
 
-def rotate_output(w: np.ndarray, r: np.ndarray) -> np.ndarray:
+def rotate_output(w: np.ndarray, r: np.ndarray, *, center: bool = False) -> np.ndarray:
     """A weight ``[..., N]`` (or a bias ``[N]``, an embedding table ``[V, N]``) whose output joins the
-    rotated stream: ``W R`` over the last axis."""
-    return _cast(np.asarray(w, np.float64) @ r, w)
+    rotated stream: ``W R`` over the last axis; with ``center`` ``W C R``, so the stream is mean-free
+    (what a LayerNorm turned RMS norm needs)."""
+    w64 = np.asarray(w, np.float64)
+    if center:
+        w64 = w64 - w64.mean(-1, keepdims=True)
+    return _cast(w64 @ r, w)
+
+
+def shifted_bias(bias: np.ndarray | None, beta: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A reader's bias with a norm's shift ``beta`` folded in: ``b + beta W`` (``w`` is ``[K, N]``)."""
+    out = np.asarray(beta, np.float64) @ np.asarray(w, np.float64)
+    if bias is not None:
+        out = out + np.asarray(bias, np.float64)
+    return out.astype(w.dtype if bias is None else bias.dtype)
 
 
 def rotate_head_output(w: np.ndarray, r: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -130,6 +147,14 @@ def rotate_head_input(w: np.ndarray, r: np.ndarray) -> np.ndarray:
         raise ValueError(f"{k} rows are not whole heads of {d}")
     w64 = np.asarray(w, np.float64).reshape(k // d, d, -1)
     return _cast(np.einsum("ji,hjn->hin", r, w64).reshape(w.shape), w)
+
+
+def transposed_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a`` is ``b.T`` up to the float rounding of two rotation orders (a tied embedding and lm_head)."""
+    if a.ndim != 2 or a.shape != b.T.shape:
+        return False
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    return bool(np.allclose(a, b.T, rtol=0.0, atol=1e-5 * scale))
 
 
 def ones_like(gamma: np.ndarray) -> np.ndarray:

@@ -181,11 +181,16 @@ def test_rotated_decoder_computes_the_same_logits(norm):
     assert not np.allclose(table, numpy_helper.to_array(proto.graph.initializer[0]))
 
 
-def test_layernorm_gets_r2_only_and_says_why():
+def test_pre_ln_layernorm_decoder_is_rotated_exactly():
+    """Pre-LN LayerNorms (with beta, V/O biases, an lm_head without one): the stream is made mean-free
+    (writers centred), each LayerNorm becomes an RMS norm, beta goes into the readers' biases (one inserted
+    after the lm_head), then R1 and R2 as for RMSNorm."""
     proto = _decoder("layernorm")
     rotated, applied = _rotated(proto)
-    assert not applied.r1 and applied.r2_layers == 2
-    assert any("R1 not applied" in n and "LayerNormalization" in n and "subtracts the mean" in n for n in applied.notes)
+    assert applied.r1 and applied.r2_layers == 2, applied.notes
+    assert "5 pre-LN LayerNormalizations made RMS norms" in applied.notes[0] and "11 reader biases" in applied.notes[0]
+    assert not any(n.op_type == "LayerNormalization" for n in rotated.graph.node)
+    assert [o.name for o in rotated.graph.output] == ["logits"]
     ref, = run(proto, IDS)
     got, = run(rotated, IDS)
     assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
@@ -280,3 +285,31 @@ def test_every_algorithm_runs_on_the_rotated_weights(algo):
         sqnr[rotate_] = _logit_sqnr(ref, run(ir.to_proto(result.model), IDS)[0])
     print(f"\n{algo}: logits SQNR without / with --rotate {sqnr[False]:.1f} / {sqnr[True]:.1f} dB")
     assert sqnr[True] > sqnr[False], sqnr
+
+
+@pytest.mark.parametrize("which", ["minilm", "opt"])
+def test_layernorm_models(which, minilm_dir, opt_tiny_dir):
+    """MiniLM is post-LN (the residual stream is each LayerNorm's output, gamma and beta included): R1 stays
+    off with that reason, R2 on every layer's V/O. OPT is pre-LN: R1 too, made exact, its tied embedding and
+    lm_head still tied (stored once)."""
+    from onnxfgq.graph.roles import find_roles
+
+    path = (minilm_dir if which == "minilm" else opt_tiny_dir) / "model.onnx"
+    proto = onnx.load(str(path))
+    rotated, applied = _rotated(proto)
+    layers = {"minilm": 6, "opt": 2}[which]
+    assert applied.r2_layers == layers, applied.notes
+    if which == "minilm":
+        assert not applied.r1
+        assert "R1 not applied" in applied.notes[0] and "(post-LN)" in applied.notes[0], applied.notes
+    else:
+        assert applied.r1 and "pre-LN LayerNormalizations made RMS norms" in applied.notes[0], applied.notes
+        assert find_roles(ir.from_proto(rotated).graph).tied
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 250, (2, 12)).astype(np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if which == "minilm":
+        feed["token_type_ids"] = np.zeros_like(ids)
+    ref, = run(proto, feed)
+    got, = run(rotated, feed)
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), np.abs(got - ref).max()
