@@ -5,6 +5,10 @@ behind ``--target cpu`` (issue 9 item 6).
 
     python tools/bench_genai_speed.py --preset tiny --out build/bench-genai-tiny
     python tools/bench_genai_speed.py --preset 100m --out build/bench-genai-100m
+    python tools/bench_genai_speed.py --preset 123m --out build/bench-genai-123m --blocks 128 --lm-head \
+        --only "builder int4 b128,asym acc4 b128,sym acc4 b128 lm_head same"   # the issue's done-when rows
+
+``--only`` also limits what is built (a 123M model takes minutes to export or quantize here).
 
 Every model is a genai folder (onnxfgq's made by folder mode from the builder's fp32 folder). Runs
 are interleaved (round r times every model once, in a fresh order) and the medians are reported, so
@@ -28,6 +32,9 @@ PRESETS = {  # LlamaDims fields; 100m: 8 x (hidden 768, ffn 2048) + untied 32000
     "tiny": {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 4, "vocab": 2048, "context": 512},
     "100m": {"hidden": 768, "layers": 8, "heads": 12, "kv_heads": 4, "vocab": 32000, "intermediate": 2048,
              "context": 512},
+    # models/llama.py LARGE (large_llama_hf): the issue's 100M+ configuration, also in tools/bench_llm.py
+    "123m": {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 16384, "intermediate": 2816,
+             "context": 512},
 }
 
 
@@ -42,11 +49,19 @@ def onnxfgq_rows(blocks: list[int]) -> list[tuple[str, dict]]:
 
 
 def lm_head_rows(block: int) -> list[tuple[str, dict, str]]:
-    return [(f"onnxfgq sym acc4 b{block} lm_head {m}", {"symmetric": True, "accuracy_level": 4, "block_size": block}, m)
-            for m in ("8", "float")]
+    """acc4 rows with the lm_head forced: 8 bits and float (sym), 4 bits like the rest (asym and sym;
+    the acc4 rows above are --lm-head auto, which is 8 bits at accuracy_level 4)."""
+    rows = [(f"onnxfgq sym acc4 b{block} lm_head {m}", {"symmetric": True, "accuracy_level": 4, "block_size": block}, m)
+            for m in ("8", "float", "same")]
+    rows.append((f"onnxfgq asym acc4 b{block} lm_head same", {"accuracy_level": 4, "block_size": block}, "same"))
+    return rows
 
 
-def build(out: Path, preset: str, blocks: list[int], lm_head: bool = False) -> dict[str, Path]:
+def wanted(label: str, only: list[str]) -> bool:
+    return label == "FP32" or not only or any(s in label for s in only)
+
+
+def build(out: Path, preset: str, blocks: list[int], lm_head: bool = False, only: list[str] = ()) -> dict[str, Path]:
     from models.llm_exports import export_builder, tiny_llama_hf
     from onnxfgq.config import LMHead, QuantizeConfig, Selection, WeightConfig
     from onnxfgq.folders import quantize_folder
@@ -57,16 +72,22 @@ def build(out: Path, preset: str, blocks: list[int], lm_head: bool = False) -> d
         export_builder(hf, out / "fp32", "fp32")
     for b in sorted({32, 128} | set(blocks)):
         path = out / f"builder-int4-b{b}"
+        if not wanted(f"builder int4 b{b} (sym acc4)", only):
+            continue
         if not (path / "genai_config.json").is_file():
             export_builder(hf, path, "int4", {"block_size": b})
         models[f"builder int4 b{b} (sym acc4)"] = path
     for label, w in onnxfgq_rows(blocks):
         path = out / label.replace(" ", "-")
+        if not wanted(label, only):
+            continue
         if not (path / "genai_config.json").is_file():
             quantize_folder(out / "fp32", path, QuantizeConfig(weights=WeightConfig(**w)))
         models[label] = path
     for label, w, mode in lm_head_rows(max(blocks)) if lm_head else ():
         path = out / label.replace(" ", "-")
+        if not wanted(label, only):
+            continue
         if not (path / "genai_config.json").is_file():
             quantize_folder(out / "fp32", path, QuantizeConfig(weights=WeightConfig(**w),
                                                                selection=Selection(lm_head=LMHead(mode))))
@@ -111,10 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated substrings: measure only matching rows")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    models = build(args.out, args.preset, [int(b) for b in args.blocks.split(",")], args.lm_head)
-    if args.only:
-        keys = [k.strip() for k in args.only.split(",")]
-        models = {k: v for k, v in models.items() if k == "FP32" or any(s in k for s in keys)}
+    only = [k.strip() for k in args.only.split(",") if k.strip()]
+    models = build(args.out, args.preset, [int(b) for b in args.blocks.split(",")], args.lm_head, only)
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
     rng = random.Random(0)
     for _ in range(args.rounds):
