@@ -46,6 +46,10 @@ class RotateError(ValueError):
     """Why a rotation cannot be applied to this graph (the report names the node)."""
 
 
+class _GraphOutput(RotateError):
+    """A value the rotation would change is a graph output."""
+
+
 def _op(node: ir.Node | None, *ops: str, domains: tuple[str, ...] = _DEFAULT) -> bool:
     return node is not None and node.op_type in ops and node.domain in domains
 
@@ -226,14 +230,18 @@ def _matmul_weight(node: ir.Node) -> tuple[int, bool] | None:
     return None
 
 
-def _writer(value: ir.Value, hidden: int) -> list[tuple[ir.Node, int, str]]:
-    """What produces ``value`` (an operand joining the stream): [(node, input index, kind)] of the constants
-    to rotate on their last axis; raises RotateError if it is not a constant-weight projection or a table."""
+def _writer(user: ir.Node, slot: int, hidden: int) -> list[tuple[ir.Node, int, str]]:
+    """What produces ``user.inputs[slot]`` (an operand joining the stream): [(node, input index, kind)] of
+    the constants to rotate on their last axis (a projection's weight and bias, a table, a constant such as
+    folded position embeddings); raises RotateError for anything else."""
     edits: list[tuple[ir.Node, int, str]] = []
-    start = value
+    value = start = user.inputs[slot]
     for _ in range(16):
-        if value.const_value is not None or constant_chain(value) is not None:
-            raise RotateError(f"a constant {value.name!r} joins the residual stream directly")
+        chain = constant_chain(value)
+        if chain is not None:
+            if value is not start or int(chain.array().shape[-1] if chain.array().ndim else 0) != hidden:
+                raise RotateError(f"a constant {value.name!r} joins the residual stream")
+            return [(user, slot, "const")]
         node = value.producer()
         if node is None:
             raise RotateError(f"graph input {value.name!r} joins the residual stream")
@@ -272,7 +280,7 @@ def _stream(graph: ir.Graph, start: ir.Value, norms: list[Norm], hidden: int, fo
     stream: dict[int, ir.Value] = {id(start): start}
     queue = [start]
     used: dict[int, Norm] = {}
-    joins: list[ir.Value] = []  # non-stream operands of residual Adds and Skip norms
+    joins: list[tuple[ir.Node, int]] = []  # (node, input) of the non-stream operands of residual Adds / Skip norms
     while queue:
         v = queue.pop()
         if id(v) in outputs:
@@ -284,7 +292,7 @@ def _stream(graph: ir.Graph, start: ir.Value, norms: list[Norm], hidden: int, fo
                 norm = member[id(node)]
                 used[id(norm)] = norm
                 if len(norm.inputs) > 1:
-                    joins += [x for x in norm.inputs if x is not v]
+                    joins += [(node, i) for i, x in enumerate(norm.inputs) if x is not v]
                 if norm.stream_output is not None:
                     nxt.append(norm.stream_output)
             elif _op(node, "Shape", "Size"):
@@ -292,7 +300,7 @@ def _stream(graph: ir.Graph, start: ir.Value, norms: list[Norm], hidden: int, fo
             elif _op(node, *_SAME) or (_op(node, "Reshape") and _keeps_last(node, hidden, stream)):
                 nxt.append(node.outputs[0])
             elif _op(node, "Add"):
-                joins += [x for x in node.inputs if x is not v]
+                joins += [(node, i) for i, x in enumerate(node.inputs) if x is not v]
                 nxt.append(node.outputs[0])
             else:
                 raise RotateError(f"the residual stream {v.name!r} is read by {_label(node)}, which a rotation "
@@ -323,10 +331,10 @@ def _stream(graph: ir.Graph, start: ir.Value, norms: list[Norm], hidden: int, fo
     emb = start.producer()
     add(emb, 0, "out")
     writers = 0
-    for j in joins:
-        if id(j) in stream:
+    for user, slot in joins:
+        if id(user.inputs[slot]) in stream:
             continue
-        for node, index, kind in _writer(j, hidden):
+        for node, index, kind in _writer(user, slot, hidden):
             add(node, index, "out" if kind != "weight_T" else "out_T")
             writers += kind.startswith("weight")
     readers = 0
@@ -340,6 +348,8 @@ def _stream(graph: ir.Graph, start: ir.Value, norms: list[Norm], hidden: int, fo
         beta = norm.beta_values() if norm.beta else None
         try:
             read = list(_readers(norm.output))
+        except _GraphOutput:
+            raise
         except RotateError:
             if norm.mean_subtracting:
                 raise RotateError(f"{norm.label} subtracts the mean and its output is the residual stream "
@@ -414,6 +424,8 @@ def _keeps_last(node: ir.Node, hidden: int, stream: dict | None = None) -> bool:
 
 
 def _readers(value: ir.Value) -> Iterator[tuple[ir.Node, int, bool]]:
+    if value.is_graph_output():
+        raise _GraphOutput(f"the normalized {value.name!r} is a graph output (it would come out rotated)")
     for use in value.uses():
         node = use.node
         if _op(node, *_SAME) or (_op(node, "Reshape") and _keeps_last(node, int(value.shape[-1])

@@ -56,10 +56,13 @@ def test_folding_keeps_the_product():
 
 
 # ------------------------------------------------------------------------------ hand-built decoders
-def _decoder(norm: str, *, seed: int = 0, outlier: float = 1.0) -> onnx.ModelProto:
+def _decoder(norm: str, *, seed: int = 0, outlier: float = 1.0, positions: bool = False,
+             hidden_out: bool = False) -> onnx.ModelProto:
     """A 2-layer GQA decoder (embedding, norms, attention with Softmax @ V, SwiGLU, lm_head) with biases on
     V and O. ``norm``: decomposed | simplified | skip | rms23 | layernorm. ``outlier`` scales one channel
-    of every norm's gamma (an outlier feature, the case rotations are for)."""
+    of every norm's gamma (an outlier feature, the case rotations are for). ``positions``: a constant
+    [T, D] added to the embedding (position embeddings an exporter folded); ``hidden_out``: the final
+    normalized hidden state is a second graph output."""
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
@@ -114,6 +117,8 @@ def _decoder(norm: str, *, seed: int = 0, outlier: float = 1.0) -> onnx.ModelPro
         return node("Transpose", [y], perm=perm) if perm else y
 
     stream = node("Gather", [w("embed", VOCAB, D, scale=1.0), "input_ids"], axis=0)
+    if positions:
+        stream = node("Add", [stream, w("positions", T, D, scale=0.5)])
     pending = None
     for layer in range(2):
         h, stream = normalize(stream, pending)
@@ -132,8 +137,11 @@ def _decoder(norm: str, *, seed: int = 0, outlier: float = 1.0) -> onnx.ModelPro
                                   w(f"wd{layer}", FFN, D)])
     h, _ = normalize(stream, pending)
     nodes.append(helper.make_node("MatMul", [h, w("head", D, VOCAB)], ["logits"], name="lm_head"))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, T, VOCAB])]
+    if hidden_out:
+        outputs.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, [1, T, D]))
     graph = helper.make_graph(nodes, "decoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, T])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, T, VOCAB])], inits)
+                              outputs, inits)
     opsets = [helper.make_opsetid("", 23 if norm == "rms23" else 18)]
     if norm == "skip":
         opsets.append(helper.make_opsetid("com.microsoft", 1))
@@ -213,6 +221,19 @@ def test_unsupported_stream_reader_leaves_r1_off_and_names_it():
     ref, = run(proto, IDS)
     got, = run(rotated, IDS)
     assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_folded_position_constant_is_rotated_and_a_hidden_output_stops_r1():
+    proto = _decoder("decomposed", positions=True)
+    rotated, applied = _rotated(proto)
+    assert applied.r1, applied.notes
+    np.testing.assert_allclose(run(rotated, IDS)[0], run(proto, IDS)[0], atol=1e-5)
+    proto = _decoder("decomposed", hidden_out=True)
+    rotated, applied = _rotated(proto)
+    assert not applied.r1 and applied.r2_layers == 2
+    assert "is a graph output" in applied.notes[0], applied.notes
+    for ref, got in zip(run(proto, IDS), run(rotated, IDS)):
+        assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
 
 
 def test_seed_changes_weights_not_function():
