@@ -67,7 +67,9 @@ def _perplexity(session: KVSession, windows: np.ndarray) -> float:
                                              for a, f in ALGOS])
 def test_quantize_with_rotate(algo, flags, exports, llama_hf, calib_text, heldout_windows, tmp_path):
     """Per-channel int4 (the layout rotations are for) from the builder's folder with --rotate: the folder
-    runs, the report names the seed, and the rotated model is at least as close to FP32 as plain RTN."""
+    runs in its client, the report names the seed, and the model stays close to FP32 (a rotation applied
+    on one side only, or to the wrong columns, gives perplexities in the hundreds). Whether rotation beats
+    no rotation is measured in tools/bench_rotate.py: on this near-Gaussian model it does not."""
     src = exports("builder").parent
     calib = [] if algo == "rtn" else ["--calibration", f"text:{calib_text}", "--tokenizer", str(llama_hf),
                                       "--calib-samples", "8"]
@@ -76,14 +78,10 @@ def test_quantize_with_rotate(algo, flags, exports, llama_hf, calib_text, heldou
                "--no-eval", *calib)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "rotate (seed 1): R1 randomized Hadamard of size 128" in proc.stdout + proc.stderr
-    plain = tmp_path / "plain"
-    proc = cli("quantize", src, "-o", plain, "--block-size", "0", "--no-eval")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ref = KVSession(src / "model.onnx")
     windows = heldout_windows[:4]
-    agree = agreement(ref, KVSession(out / "model.onnx"), windows, PREFILL)
-    ppl = {k: _perplexity(KVSession(p), windows) for k, p in
-           (("fp32", src / "model.onnx"), ("rotated", out / "model.onnx"), ("rtn", plain / "model.onnx"))}
+    agree = agreement(KVSession(src / "model.onnx"), KVSession(out / "model.onnx"), windows, PREFILL)
+    ppl = {k: _perplexity(KVSession(p), windows) for k, p in (("fp32", src / "model.onnx"),
+                                                                ("rotated", out / "model.onnx"))}
     print(f"\n--rotate {algo} per-channel: top-1 {agree:.3f}, perplexity {ppl}")
     assert agree >= 0.85
-    assert ppl["rotated"] - ppl["fp32"] <= ppl["rtn"] - ppl["fp32"], ppl
+    assert ppl["rotated"] <= 1.03 * ppl["fp32"], ppl
