@@ -3,6 +3,8 @@ g128, g32 and 3-bit g128, for rtn, gptq and awq+gptq+clip, each with and without
 
     python tools/bench_rotate.py --model build/llama-genai --hf build/test-models/llama --out build/bench-rotate
     python tools/bench_rotate.py ... --only "g128" --algos rtn,gptq --seeds 0,1,2    # a subset, several seeds
+    python tools/bench_rotate.py --model build/llama-genai --hf build/test-models/llama --out X --weights
+        # why: per weight, kurtosis and int4 per-channel RTN error before and after the rotation
 
 Each row is quantized with the command line as a user runs it (printed), from the builder's FP32 folder,
 calibrated on ``HF/train.txt`` (the CLI's default 128 samples); then every output is evaluated in one
@@ -43,6 +45,41 @@ def quantize(src: Path, out: Path, flags: list[str], hf: Path) -> float:
     return time.perf_counter() - started
 
 
+def weight_stats(model: Path, seed: int) -> str:
+    """Kurtosis (3 = Gaussian; outlier rows raise it) and relative int4 per-channel RTN error of every
+    MatMul weight, as the model holds it and after ``--rotate`` (readers with their norm's scale folded in)."""
+    import numpy as np
+
+    from onnxfgq.api import load_model
+    from onnxfgq.config import Selection
+    from onnxfgq.graph import rotate
+    from onnxfgq.graph.targets import find_targets
+    from onnxfgq.quant import compute_qparams, dequantize, quantize
+
+    def stats(m) -> dict[str, tuple[float, float]]:
+        out = {}
+        for t in find_targets(m, Selection()):
+            if t.kind != "matmul" or t.skip_reason:
+                continue
+            w = t.weight().astype(np.float64)
+            c = w - w.mean()
+            kurt = float((c ** 4).mean() / (c ** 2).mean() ** 2)
+            qp = compute_qparams(w.astype(np.float32), (w.shape[0], 1), 4, symmetric=False, signed=False)
+            err = dequantize(quantize(w.astype(np.float32), qp), qp) - w
+            out[t.name] = (kurt, float(np.sqrt((err ** 2).sum() / (w ** 2).sum())))
+        return out
+
+    before = stats(load_model(model))
+    rotated = load_model(model)
+    rotate.apply(rotated, seed)
+    after = stats(rotated)
+    lines = ["| weight | kurtosis | kurtosis rotated | int4 per-channel RTN rel. error | rotated |", "|---|---|---|---|---|"]
+    for name, (k, e) in before.items():
+        k2, e2 = after.get(name, (float("nan"), float("nan")))
+        lines.append(f"| {name} | {k:.2f} | {k2:.2f} | {e:.4f} | {e2:.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="the builder's FP32 folder of the test LLM")
@@ -51,7 +88,11 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated layouts (default: all)")
     ap.add_argument("--algos", default=",".join(ALGOS))
     ap.add_argument("--seeds", default="0", help="--rotate-seed values (comma-separated)")
+    ap.add_argument("--weights", action="store_true", help="only the weight statistics (no quantize runs)")
     args = ap.parse_args()
+    if args.weights:
+        print(weight_stats(args.model / "model.onnx", int(args.seeds.split(",")[0])))
+        return
     from onnxfgq.lm_eval import evaluate, text_windows
 
     layouts = [k for k in LAYOUTS if not args.only or k in args.only.split(",")]
