@@ -442,7 +442,7 @@ def _guard(prepared: ir.Model, plan: Plan, chosen: set[str], ranges: Ranges, act
             + " quantized alone"
         cost = {n: guard.deficit(guard.measure(build(prepared, {n}, ranges, act)))
                 for n in progress(sorted(chosen), len(chosen), "sensitivity")}
-    order = sorted(chosen, key=lambda n: -cost[n])
+    order = sorted(sorted(chosen), key=lambda n: -cost[n])  # ties in name order: the same run, the same bytes
     # Bisection on how many of the most sensitive units stay float (all float trivially meets the budget).
     lo, hi, best = 0, len(order), None
     while hi - lo > 1:

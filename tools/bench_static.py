@@ -11,6 +11,9 @@
 - det: PP-OCRv5 detector on 320 x 320 crops of several rendered lines: agreement of the binarised
   probability map (> 0.3, PaddleOCR's threshold) with FP32's (IoU of the text pixels), cosine.
 - cnn: models/cnn.py (digits): accuracy and agreement on the held-out digits.
+- kernels: one PP-OCR-sized Conv ([8, 480, 6, 80]; pointwise 480 -> 480, depthwise 3x3 and 5x5) in
+  float against the same Conv between QDQ (onnxruntime fuses it into QLinearConv): the int8 kernel's
+  own speed-up on this CPU.
 Coverage counts Conv/MatMul/Gemm nodes quantized to int8 (the report's layers). Latencies: medians of
 --repeats runs per batch size, all models timed interleaved in one process, so load hits them alike.
 """
@@ -129,9 +132,55 @@ def _model(name: str, heldout: int):
     return Path(om.det_path()), str(cal), det_x, None
 
 
+def _conv_model(quantized: bool, group: int, k: int, c: int = 480) -> bytes:
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    w = np.random.default_rng(0).normal(0, 0.1, (c, c // group, k, k)).astype(np.float32)
+    pads = [k // 2] * 4
+    if quantized:
+        inits = [nh.from_array(np.array(0.02, np.float32), "xs"), nh.from_array(np.array(128, np.uint8), "xz"),
+                 nh.from_array(np.clip(np.round(w / 0.001), -127, 127).astype(np.int8), "wq"),
+                 nh.from_array(np.full(c, 0.001, np.float32), "ws"), nh.from_array(np.zeros(c, np.int8), "wz")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0),
+                 helper.make_node("Conv", ["xd", "w"], ["y0"], group=group, pads=pads),
+                 helper.make_node("QuantizeLinear", ["y0", "xs", "xz"], ["yq"]),
+                 helper.make_node("DequantizeLinear", ["yq", "xs", "xz"], ["y"])]
+    else:
+        inits = [nh.from_array(w, "w")]
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], group=group, pads=pads)]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, c, 6, 80])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+
+
+def _kernels(threads: int, repeats: int) -> None:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    x = np.random.default_rng(1).normal(0, 1, (8, 480, 6, 80)).astype(np.float32)
+    print("| Conv [8, 480, 6, 80] | float median ms | int8 (QLinearConv) median ms | int8 speed-up |")
+    print("|---|---|---|---|")
+    for group, k, label in ((1, 1, "pointwise 480 -> 480"), (480, 3, "depthwise 3x3"), (480, 5, "depthwise 5x5")):
+        sess = {q: ort.InferenceSession(_conv_model(q, group, k), so, providers=["CPUExecutionProvider"])
+                for q in (False, True)}
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats):
+            for q, s in sess.items():
+                t = time.perf_counter()
+                s.run(None, {"x": x})
+                times[q].append(time.perf_counter() - t)
+        f, i = statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3
+        print(f"| {label} | {f:.1f} | {i:.1f} | {f / i:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["rec"], choices=["rec", "cls", "det", "cnn"])
+    ap.add_argument("--models", nargs="+", default=["rec"], choices=["rec", "cls", "det", "cnn", "kernels"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (0: onnxruntime's default)")
@@ -147,6 +196,9 @@ def main() -> None:
 
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     for name in args.models:
+        if name == "kernels":
+            _kernels(args.threads, max(args.repeats, 15))
+            continue
         fp32, calib, x, truth = _model(name, args.heldout)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / f"{name}.int8.onnx"
