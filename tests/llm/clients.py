@@ -21,9 +21,10 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 class KVSession:
     """An onnxruntime session over a decoder with past_key_values.* inputs and present.* outputs."""
 
-    def __init__(self, path: Path, *, custom_ops: bool = False):
+    def __init__(self, path: Path, *, custom_ops: bool = False, mem_reuse: bool = True):
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        so.enable_mem_reuse = mem_reuse
         if custom_ops:
             from onnxfgq import ops
 
