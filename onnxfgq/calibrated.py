@@ -359,7 +359,8 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
             w = w * awq_scale[key][:, None]
         options.append(_choices(w, wc, fmt, input_stats[key], scale_bits))
     if wc.target_bits > 0 and wc.calibration:
-        options = _measured(model, wc, [by_key[k] for k in keys], options, awq_scale, keys, plan, feeds)
+        options = _measured(model, wc, [by_key[k] for k in keys], options, awq_scale, keys, plan, feeds,
+                            [input_stats[k] for k in keys])
     if wc.target_bits > 0:
         sizes = [by_key[k].shape_kn[0] * by_key[k].shape_kn[1] for k in keys]
         picks = allocate(options, sizes, wc.target_bits)
@@ -391,8 +392,13 @@ PROBE_SAMPLES = 16  # calibration samples each sensitivity probe runs on
 
 
 def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options: list[list[Choice]],
-              awq_scale: dict, keys: list[tuple], plan: Plan, feeds: FeedOptions | None) -> list[list[Choice]]:
-    """The options with their errors replaced by the measured end-to-end error (see sensitivity.py)."""
+              awq_scale: dict, keys: list[tuple], plan: Plan, feeds: FeedOptions | None,
+              stats: list[ActivationStats | None]) -> list[list[Choice]]:
+    """The options with their errors replaced by the measured end-to-end error (see sensitivity.py).
+
+    Each candidate is probed as the weight's own solver would quantize it (GPTQ's error-compensated
+    codes, not RTN's): GPTQ shrinks the error of some layouts far more than others, so RTN's errors
+    misprice the budget the allocation spends."""
     from onnxfgq.calibration.sources import iterate
     from onnxfgq.sensitivity import probe_errors
 
@@ -404,7 +410,7 @@ def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options:
     for key, t in zip(keys, targets):
         w = t.weight()
         weights.append(w * awq_scale[key][:, None] if key in awq_scale else w)
-    cands = [[(lambda w, s=c.spec: _fake_quant(w, s)) for c in o] for o in options]
+    cands = [[_candidate(wc, st, c.spec) for c in o] for o, st in zip(options, stats)]
     errors = probe_errors(model, targets, weights, cands, feed)
     if errors is None:
         plan.notes.append("sensitivity: weights are shared or computed; using per-layer output errors")
@@ -413,6 +419,15 @@ def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options:
     plan.notes.append(f"sensitivity measured end to end on {probed} calibration samples "
                       f"({sum(len(o) for o in options)} probes)")
     return [[Choice(c.spec, e, c.storage_bits) for c, e in zip(o, errs)] for o, errs in zip(options, errors)]
+
+
+def _candidate(wc: WeightConfig, stats: ActivationStats | None,
+               spec: QuantSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """The float weight one layout gives, as the configured solver computes it."""
+    if stats is None or not stats.rows:
+        return lambda w: _fake_quant(w, spec)
+    solver = _solver(wc, stats)
+    return lambda w: solver.solve(w, spec).dequantize()
 
 
 SEQUENTIAL_CHUNK = 4  # input tensors per re-collection pass

@@ -33,7 +33,7 @@ def allocate(options: Sequence[Sequence[Choice]], sizes: Sequence[int], target_b
     floor = sum(c.storage_bits for c in cheapest)
     if floor > budget:
         raise BudgetError(f"{target_bits} is below what even the cheapest options need: "
-                          f"{floor / total:.3f} bits per weight")
+                          f"{floor / total:.6f} bits per weight")
 
     def pick(lam: float) -> list[Choice]:
         return [min(o, key=lambda c: (c.error + lam * c.storage_bits / n, c.storage_bits))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from onnxfgq.algorithms.adaptive import Choice, candidate_specs, choose_under_budget, evaluate, storage_bits
 from onnxfgq.algorithms.base import QuantSpec
+from onnxfgq.algorithms.rtn import RTN
 from onnxfgq.algorithms.stats import weight_error
 from onnxfgq.quant import compute_qparams, dequantize, quantize
 from tests.helpers import run
@@ -77,3 +79,57 @@ def test_adaptive_end_to_end_block_sizes_per_node():
     out = run(ir.to_proto(res.model), {"x": x})[0]
     ref = run(proto, {"x": x})[0]
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.98
+
+
+def _outlier_mlp():
+    from tests.helpers import mlp
+
+    proto = mlp(k=256, hidden=128, n=64)
+    w1 = next(i for i in proto.graph.initializer if i.name == "w1")
+    arr = np.frombuffer(w1.raw_data, np.float32).reshape(256, 128).copy()
+    arr[::9, ::7] *= 30.0  # fc1 gets outliers, fc2 stays smooth
+    w1.raw_data = arr.tobytes()
+    return proto
+
+
+def _forward(proto, x, replace):
+    """The MLP in numpy (relu(x W1) W2^T + b2), with weights from ``replace`` where given."""
+    from onnx import numpy_helper
+
+    p = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in proto.graph.initializer}
+    p.update(replace)
+    return np.maximum(x @ p["w1"], 0.0) @ p["w2"].T + p["b2"]
+
+
+def test_target_bits_with_gptq_prices_each_layout_by_the_gptq_result():
+    """Under --target-bits with GPTQ, each candidate layout's price is the end-to-end output error of
+    GPTQ's own result for it (checked here against a numpy forward pass with that one weight swapped),
+    not RTN's: GPTQ shrinks some layouts' error far more than others."""
+    from onnxfgq.algorithms.gptq import GPTQ
+    from onnxfgq.calibrated import open_calibration_source, plan_weights, weight_key
+    from onnxfgq.calibration.sources import iterate
+    from onnxfgq.config import Algorithm, Granularity, OutputFormat, Selection, WeightConfig
+    from onnxfgq.graph.targets import find_targets
+
+    proto = _outlier_mlp()
+    model = ir.from_proto(proto)
+    targets = [t for t in find_targets(model, Selection()) if t.skip_reason is None]
+    wc = WeightConfig(algorithm=Algorithm("gptq"), granularity=Granularity.ADAPTIVE, target_bits=4.6,
+                      calibration="random", calibration_samples=64, format=OutputFormat.QDQ)
+    plan = plan_weights(model, targets, wc, OutputFormat.QDQ, lambda items, total, label: items)
+    feed = next(iterate(open_calibration_source(model, wc, None, num_samples=16, batch_size=16)))
+    x = feed["x"].astype(np.float64)
+    ref = _forward(proto, x, {})
+    rtn_priced = []
+    for t in targets:
+        p = plan.weights[weight_key(t)]
+        w = t.weight()
+        wq = GPTQ(p.stats).solve(w, p.spec).dequantize()
+        name = t.chain.root.name
+        wq = wq.T if t.transposed else wq
+        err = float(np.sum((_forward(proto, x, {name: wq}) - ref) ** 2) / np.sum(ref ** 2))
+        assert p.estimated_error == pytest.approx(err, rel=1e-3, abs=1e-9)
+        rq = RTN().solve(w, p.spec).dequantize()
+        rq = rq.T if t.transposed else rq
+        rtn_priced.append(float(np.sum((_forward(proto, x, {name: rq}) - ref) ** 2) / np.sum(ref ** 2)))
+    assert sum(p.estimated_error for p in plan.weights.values()) < 0.8 * sum(rtn_priced)
