@@ -55,3 +55,42 @@ def test_ppocr_all(tmp_path, name, mode_name):
     if (name, mode_name) in FAST:
         pytest.skip("in the fast run")
     _check(tmp_path, name, mode_name)
+
+
+LINES = Path(__file__).resolve().parents[2] / "build" / "test-models" / "ocr-lines"
+# Measured (tools/bench_static.py, 200 lines): 25 of 51 Conv/MatMul/Gemm in int8 with the top1:0.99 guard,
+# CER 1.71% vs FP32's 2.37%, 2.05x smaller. Issue 14's goals (90%, 3x) are not met: these floors
+# hold what is, the CER budget (FP32's + 0.5 pp) is the issue's.
+COVERAGE_FLOOR, CER_SLACK, SIZE_FLOOR = 0.15, 0.0, 1.5
+
+
+@pytest.mark.slow
+def test_ppocr_rec_static_int8_reads_rendered_lines(tmp_path):
+    """Issue 14 on real inputs: PP-OCRv5 rec, static int8 calibrated on 64 rendered lines, read on 64
+    others: coverage, the CER of the decoded text against the rendered text next to FP32's, size."""
+    from models.text_lines import cer, ctc_decode, load_images, load_keys, write
+
+    from onnxfgq.config import ActivationConfig, QuantizeConfig
+    from onnxfgq.static import quantize_static_file
+
+    write(LINES, 64, 64)
+    src, out = Path(om.rec_path()), tmp_path / "rec.int8.onnx"
+    act = ActivationConfig(calibration=f"images:{LINES / 'calib'}?size=48,320&mean=0.5&std=0.5", num_samples=64,
+                           batch_size=8, guard_samples=16, max_error="top1:0.99")
+    report = quantize_static_file(src, out, QuantizeConfig(activations=act))
+    core = [lay for lay in report.layers if lay.op_type in CNN_OPS]
+    coverage = sum(lay.status == "quantized" for lay in core) / len(core)
+    x, truth, keys = load_images(LINES / "heldout"), (LINES / "heldout.txt").read_text().splitlines(), \
+        load_keys(om.keys_path())
+    from tests.corpus.runner import session
+
+    texts = {}
+    for name, path in (("fp32", src), ("int8", out)):
+        s = session(path)
+        probs = np.concatenate([s.run(None, {"x": x[i:i + 8]})[0] for i in range(0, len(x), 8)])
+        texts[name] = ctc_decode(probs, keys)
+    cer_fp32, cer_int8 = cer(texts["fp32"], truth), cer(texts["int8"], truth)
+    assert cer_fp32 < 0.05  # the renderer and the decoding are right: FP32 reads the lines
+    assert coverage >= COVERAGE_FLOOR, f"{coverage:.2f} of Conv/MatMul/Gemm in int8"
+    assert cer_int8 - cer_fp32 <= 0.005 + CER_SLACK, (cer_fp32, cer_int8)
+    assert src.stat().st_size / out.stat().st_size >= SIZE_FLOOR
