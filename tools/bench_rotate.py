@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated layouts (default: all)")
     ap.add_argument("--algos", default=",".join(ALGOS))
     ap.add_argument("--seeds", default="0", help="--rotate-seed values (comma-separated)")
+    ap.add_argument("--extra", default="", help="flags added to every quantize row, e.g. '--lm-head 8'")
     ap.add_argument("--weights", action="store_true", help="only the weight statistics (no quantize runs)")
     args = ap.parse_args()
     if args.weights:
@@ -102,10 +103,11 @@ def main() -> None:
     rows = []
     for layout in layouts:
         for algo in algos:
-            base = [*LAYOUTS[layout]] + (["--algo", algo] if algo != "rtn" else [])
+            base = [*LAYOUTS[layout]] + (["--algo", algo] if algo != "rtn" else []) + args.extra.split()
             for rotate in [None, *seeds]:
                 flags = base + ([] if rotate is None else ["--rotate", "--rotate-seed", str(rotate)])
                 name = f"{layout.replace(' ', '')}-{algo}" + ("" if rotate is None else f"-rot{rotate}")
+                name += "".join(f"_{x.strip('-')}" for x in args.extra.split())
                 out = args.out / name
                 seconds = quantize(args.model, out, flags, args.hf)
                 rows.append({"layout": layout, "algo": algo, "rotate": rotate, "path": out, "seconds": seconds,
