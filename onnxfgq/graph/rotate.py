@@ -790,7 +790,7 @@ def apply(model: ir.Model, seed: int = 0, *, r1: bool = True, r2: bool = True) -
                            const_value=ir.tensor(a, name=name))
             graph.register_initializer(new)
             made[key] = new
-        if any(k[0] == chain.key and k != key for k in made) and not any(
+        if any(k[0][0] == chain.key[0] and k != key for k in made) and not any(
                 rot.transposed_equal(a, b) for a in by_root[id(chain.root)] for b in by_root[id(chain.root)] if a is not b):
             untied = untied or chain.root.name or "a constant"
         node.replace_input_with(index, made[key])

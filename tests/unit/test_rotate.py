@@ -57,12 +57,13 @@ def test_folding_keeps_the_product():
 
 # ------------------------------------------------------------------------------ hand-built decoders
 def _decoder(norm: str, *, seed: int = 0, outlier: float = 1.0, positions: bool = False,
-             hidden_out: bool = False) -> onnx.ModelProto:
+             hidden_out: bool = False, tied: bool = False) -> onnx.ModelProto:
     """A 2-layer GQA decoder (embedding, norms, attention with Softmax @ V, SwiGLU, lm_head) with biases on
     V and O. ``norm``: decomposed | simplified | skip | rms23 | layernorm. ``outlier`` scales one channel
     of every norm's gamma (an outlier feature, the case rotations are for). ``positions``: a constant
     [T, D] added to the embedding (position embeddings an exporter folded); ``hidden_out``: the final
-    normalized hidden state is a second graph output."""
+    normalized hidden state is a second graph output; ``tied``: the lm_head reads the embedding table
+    through a Transpose."""
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
@@ -136,7 +137,8 @@ def _decoder(norm: str, *, seed: int = 0, outlier: float = 1.0, positions: bool 
         pending = node("MatMul", [node("Mul", [act, node("MatMul", [h, w(f"wu{layer}", D, FFN)])]),
                                   w(f"wd{layer}", FFN, D)])
     h, _ = normalize(stream, pending)
-    nodes.append(helper.make_node("MatMul", [h, w("head", D, VOCAB)], ["logits"], name="lm_head"))
+    head = node("Transpose", ["embed"], perm=[1, 0]) if tied else w("head", D, VOCAB)
+    nodes.append(helper.make_node("MatMul", [h, head], ["logits"], name="lm_head"))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, T, VOCAB])]
     if hidden_out:
         outputs.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, [1, T, D]))
@@ -234,6 +236,15 @@ def test_folded_position_constant_is_rotated_and_a_hidden_output_stops_r1():
     assert "is a graph output" in applied.notes[0], applied.notes
     for ref, got in zip(run(proto, IDS), run(rotated, IDS)):
         assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_tied_table_is_untied_only_when_the_final_scale_requires_it_and_says_so():
+    proto = _decoder("decomposed", tied=True)  # final gamma != 1: E R and R^T diag(g) E^T differ
+    rotated, applied = _rotated(proto)
+    assert applied.r1 and "'embed', shared by differently rotated nodes, was copied (untied)" in applied.notes[0]
+    ref, = run(proto, IDS)
+    got, = run(rotated, IDS)
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
 
 
 def test_seed_changes_weights_not_function():
