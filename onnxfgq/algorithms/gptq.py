@@ -31,27 +31,33 @@ def _row_params(qp: QParams, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
             expand_blocks(qp.zero_point, shape, qp.block_shape).astype(np.float32))
 
 
-def _inverse_hessian_chol(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of ``(H + damp*mean(diag)*I)^-1``, retrying with more damping.
+def _inverse_hessian_chol(h: np.ndarray, damp: float, perm: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of ``(H' + damp*mean(diag)*I)^-1`` with ``H' = H[perm][:, perm]`` (dead
+    channels' diagonal set to 1), retrying with more damping.
 
-    torch's LAPACK is several times faster than numpy's on these sizes; the math is the same.
+    Memory: one float64 ``K x K`` working copy besides ``h`` (factorisation, inverse and the second
+    factorisation all overwrite it, LAPACK's potrf/potri/potrf), not the six of a functional version:
+    at K = 11008 (a 7B model's down projection) each copy is 0.97 GB.
     """
-    import torch
+    from scipy.linalg import lapack
 
     k = h.shape[0]
-    ht = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float64))
-    mean_diag = float(torch.diagonal(ht).mean()) or 1.0
+    live = ~dead
+    mean_diag = float((np.diag(h)[live].sum() + dead.sum()) / k) or 1.0
+    dead_rows = np.flatnonzero(dead[perm])
     for factor in DAMPING_STEPS:
-        hd = ht + torch.eye(k, dtype=torch.float64) * (damp * factor * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(hd)
-        if int(info) != 0:
+        work = h[np.ix_(perm, perm)].T  # symmetric: its transpose is the Fortran-ordered array LAPACK wants
+        work[dead_rows, dead_rows] = 1.0
+        work.flat[::k + 1] += damp * factor * mean_diag
+        chol, info = lapack.dpotrf(work, lower=False, overwrite_a=True, clean=False)
+        if info != 0:
             continue
-        # (torch.cholesky_inverse is an order of magnitude slower than one triangular solve here)
-        lower_inv = torch.linalg.solve_triangular(lower, torch.eye(k, dtype=torch.float64), upper=False)
-        hinv = lower_inv.T @ lower_inv
-        upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-        if int(info) == 0:
-            return upper.numpy()
+        inverse, info = lapack.dpotri(chol, lower=False, overwrite_c=True)  # upper triangle of H'^-1
+        if info != 0:
+            continue
+        upper, info = lapack.dpotrf(inverse, lower=False, overwrite_a=True, clean=True)  # reads the upper only
+        if info == 0:
+            return upper
     raise np.linalg.LinAlgError(f"the Hessian is not positive definite even with {DAMPING_STEPS[-1]}x dampening")
 
 
@@ -72,11 +78,12 @@ def row_order(diag_h: np.ndarray, order: str, block: int) -> np.ndarray:
 def prepare(h: np.ndarray, *, damp: float, order: str = "act", block: int = 0):
     """What GPTQ needs from a Hessian, shared by every weight that reads the same input:
     (dead input channels, row order, upper Cholesky factor of the damped inverse in that order)."""
-    h = np.array(h, dtype=np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = row_order(np.diag(h), order, block or h.shape[0])
-    u = _inverse_hessian_chol(h[np.ix_(perm, perm)], damp).astype(np.float32)
+    h = np.asarray(h, dtype=np.float64)
+    diag = np.diag(h).copy()
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = row_order(diag, order, block or h.shape[0])
+    u = _inverse_hessian_chol(h, damp, perm, dead).astype(np.float32)
     return dead, perm, u
 
 
@@ -218,7 +225,7 @@ class GPTQ:
         # refit) cannot overflow whatever the activations' magnitude.
         scale = float(np.mean(np.diag(h)))
         if scale > 0 and scale != 1.0:
-            h = h / scale
+            h /= scale  # in place: ``hessian()`` returned a fresh array (1 GB at K = 11008)
         order = "act" if self.act_order else "none"
         key = ("gptq", damp, order)
         if key not in self.stats.cache:  # q, k and v share one factorisation
