@@ -28,14 +28,6 @@ def _initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Va
     return value
 
 
-def _unique(graph: ir.Graph, base: str) -> str:
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
 def _float_dtype(target: Target) -> np.dtype:
     dt = target.chain.tensor.dtype
     return np.dtype(np.float16) if dt == ir.DataType.FLOAT16 else np.dtype(np.float32)

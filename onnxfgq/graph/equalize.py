@@ -23,7 +23,7 @@ from onnxfgq.algorithms.cle import (
     fold_input_affine,
     fold_output_affine,
 )
-from onnxfgq.graph.targets import constant_chain
+from onnxfgq.graph.targets import add_initializer, constant_chain
 
 STD = ("", "ai.onnx")
 
@@ -34,14 +34,7 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 
 
 def _set(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, suffix: str) -> None:
-    base = f"{node.name or node.outputs[0].name}.{suffix}"
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
+    value = add_initializer(graph, f"{node.name or node.outputs[0].name}.{suffix}", array)
     if len(node.inputs) <= index:
         node.resize_inputs(index + 1)
     node.replace_input_with(index, value)

@@ -8,24 +8,13 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxfgq.graph.targets import constant_chain
+from onnxfgq.graph.targets import add_initializer, constant_chain
 from onnxfgq.quant.static import fold_batchnorm
 
 
 def _const(value: ir.Value | None):
     chain = constant_chain(value)
     return None if chain is None else chain.array()
-
-
-def _new_initializer(graph: ir.Graph, base: str, array) -> ir.Value:
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _why_not(bn: ir.Node) -> str | None:
@@ -65,10 +54,10 @@ def fold_batchnorms(model: ir.Model) -> list[str]:
         axis = 1 if conv.op_type == "ConvTranspose" else 0
         new_w, new_b = fold_batchnorm(w, b, gamma, beta, mean, var, eps, channel_axis=axis)
         base = conv.name or conv.outputs[0].name
-        conv.replace_input_with(1, _new_initializer(graph, f"{base}.folded_weight", new_w))
+        conv.replace_input_with(1, add_initializer(graph, f"{base}.folded_weight", new_w))
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
-        conv.replace_input_with(2, _new_initializer(graph, f"{base}.folded_bias", new_b))
+        conv.replace_input_with(2, add_initializer(graph, f"{base}.folded_bias", new_b))
         out, conv_out = bn.outputs[0], conv.outputs[0]
         name = out.name
         out.replace_all_uses_with(conv_out, replace_graph_outputs=True)

@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxfgq.graph.roles import token_embedding
-from onnxfgq.graph.targets import constant_chain
+from onnxfgq.graph.targets import constant_chain, unique_initializer_name
 from onnxfgq.quant import rotation as rot
 
 _DEFAULT = ("", "ai.onnx")
@@ -657,7 +657,7 @@ def _bias_slot(graph: ir.Graph, node: ir.Node, n: int, dtype: np.dtype) -> tuple
             if chain is not None and chain.array().shape == (n,) and add.inputs[1 - i] is node.outputs[0]:
                 return add, i
     out = node.outputs[0]
-    name = _unique(graph, f"{node.name or out.name}_rotate_bias")
+    name = unique_initializer_name(graph, f"{node.name or out.name}_rotate_bias")
     zeros = np.zeros(n, dtype)
     bias = ir.Value(name=name, shape=ir.Shape((n,)), type=ir.TensorType(ir.DataType.from_numpy(zeros.dtype)),
                     const_value=ir.tensor(zeros, name=name))
@@ -695,7 +695,7 @@ def _to_rms_norms(model: ir.Model, found: Found) -> dict[tuple[int, int], tuple[
         x, gamma = ln.inputs[0], ln.inputs[1]
         eps = ln.attributes.get_float("epsilon", 1e-5)
         dtype = constant_chain(gamma).array().dtype
-        tag = _unique(graph, (ln.name or "ln") + "_rms")
+        tag = unique_initializer_name(graph, (ln.name or "ln") + "_rms")
 
         def const(suffix: str, a: np.ndarray, tag: str = tag) -> ir.Value:
             v = ir.Value(name=f"{tag}_{suffix}", shape=ir.Shape(a.shape),
@@ -722,14 +722,6 @@ def _to_rms_norms(model: ir.Model, found: Found) -> dict[tuple[int, int], tuple[
             user.replace_input_with(idx, mul.outputs[0])
         graph.remove(ln, safe=True)
     return shifts
-
-
-def _unique(graph: ir.Graph, base: str) -> str:
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def apply(model: ir.Model, seed: int = 0, *, r1: bool = True, r2: bool = True) -> Applied:
@@ -785,7 +777,7 @@ def apply(model: ir.Model, seed: int = 0, *, r1: bool = True, r2: bool = True) -
                 if rot.transposed_equal(a, other):
                     a = np.ascontiguousarray(other.T)
             by_root.setdefault(id(chain.root), []).append(a)
-            name = _unique(graph, (chain.root.name or "w") + "_rot")
+            name = unique_initializer_name(graph, (chain.root.name or "w") + "_rot")
             new = ir.Value(name=name, shape=ir.Shape(a.shape), type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
                            const_value=ir.tensor(a, name=name))
             graph.register_initializer(new)
@@ -800,7 +792,7 @@ def apply(model: ir.Model, seed: int = 0, *, r1: bool = True, r2: bool = True) -
                 continue
             node, i = norm.gamma_slot
             g = constant_chain(node.inputs[i]).array()
-            name = _unique(graph, f"rotate_unit_scale_{g.shape[0]}_{g.dtype}")
+            name = unique_initializer_name(graph, f"rotate_unit_scale_{g.shape[0]}_{g.dtype}")
             ones = ir.Value(name=name, shape=ir.Shape(g.shape), type=ir.TensorType(ir.DataType.from_numpy(g.dtype)),
                             const_value=ir.tensor(rot.ones_like(g), name=name))
             graph.register_initializer(ones)

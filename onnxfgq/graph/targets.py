@@ -250,3 +250,21 @@ def has_foldable_weights(graph: ir.Graph, op_types: tuple[str, ...]) -> bool:
                     and constant_derived(node.inputs[idx]):
                 return True
     return False
+
+
+def unique_initializer_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... : the first name no initializer of ``graph`` has."""
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_initializer(graph: ir.Graph, base: str, array) -> ir.Value:
+    """A new initializer holding ``array`` under a unique name derived from ``base``."""
+    name = unique_initializer_name(graph, base)
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
