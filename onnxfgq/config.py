@@ -283,7 +283,7 @@ class QuantizeConfig:
     simplify: Simplify = Simplify.AUTO  # onnxsim before looking for weights
     activations: ActivationConfig | None = None  # None: weight-only; set: static int8 (weights + activations)
     feeds: FeedConfig = field(default_factory=FeedConfig)  # --tokenizer, --dim: every data source
-    # --rotate: R1/R2 rotations folded into the float weights first (graph/rotate.py); the seed picks them
+    # --rotate: R1/R2 rotations folded into the float weights first (graph/rotate/); the seed picks them
     rotate: bool = False
     rotate_seed: int = 0
 

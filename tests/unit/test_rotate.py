@@ -1,4 +1,4 @@
-"""--rotate: the rotations (quant/rotation.py) and the graph pass (graph/rotate.py) on hand-built decoders
+"""--rotate: the rotations (quant/rotation.py) and the graph pass (graph/rotate/) on hand-built decoders
 whose norms take every form the exporters emit; the reference is the unrotated model in onnxruntime."""
 
 from __future__ import annotations
