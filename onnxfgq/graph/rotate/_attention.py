@@ -18,6 +18,12 @@ def _single_use(value: ir.Value) -> ir.Node | None:
     return uses[0] if len(uses) == 1 else None
 
 
+def _keeps_last_axis(transpose: ir.Node) -> bool:
+    """A Transpose that leaves the last axis (the head size) where it is."""
+    perm = transpose.attributes.get_ints("perm", None)
+    return perm is not None and perm[-1] == len(perm) - 1
+
+
 def _o_proj(value: ir.Value) -> tuple[ir.Node, int] | None:
     """The output projection fed (through Transpose/Reshape keeping the head size last) by ``value``."""
     for _ in range(8):
@@ -25,16 +31,13 @@ def _o_proj(value: ir.Value) -> tuple[ir.Node, int] | None:
         if node is None:
             return None
         if _op(node, "Transpose"):
-            perm = node.attributes.get_ints("perm", None)
-            if perm is None or perm[-1] != len(perm) - 1:
+            if not _keeps_last_axis(node):
                 return None
         elif not _op(node, "Reshape", "Cast", "Identity"):
             w = _matmul_weight(node)
             return (node, w[0]) if w is not None and not w[1] and node.inputs[0] is value else None
         value = node.outputs[0]
     return None
-
-
 
 
 def _v_proj(value: ir.Value) -> tuple[list[tuple[ir.Node, int, str]], int | None, bool] | None:
@@ -49,8 +52,7 @@ def _v_proj(value: ir.Value) -> tuple[list[tuple[ir.Node, int, str]], int | None
         if node is None:
             return None
         if _op(node, "Transpose"):
-            perm = node.attributes.get_ints("perm", None)
-            if perm is None or perm[-1] != len(perm) - 1:
+            if not _keeps_last_axis(node):
                 return None
         elif _op(node, "Reshape"):
             chain = constant_chain(node.inputs[1])
