@@ -28,6 +28,7 @@ from onnxfgq.errors import ModelLoadError, NothingToQuantizeError
 from onnxfgq.graph import external, io, passes, sanity
 from onnxfgq.graph.emit import make_emitter
 from onnxfgq.graph.roles import apply_lm_head
+from onnxfgq.graph.spool import Spool
 from onnxfgq.graph.targets import Target, find_targets, has_foldable_weights
 from onnxfgq.quant import sqnr_db
 from onnxfgq.report import LayerReport, Report
@@ -117,9 +118,11 @@ def _with_model_dir(config: QuantizeConfig, folder: Path | None) -> QuantizeConf
     return dataclasses.replace(config, feeds=dataclasses.replace(config.feeds, model_dir=str(folder)))
 
 
-def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progress, work=None) -> QuantizeResult:
+def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progress, work=None,
+                    spool: Spool | None = None) -> QuantizeResult:
     """Quantize ``ir_model``, which the caller hands over (it may be modified or replaced); ``work``
-    (engine/checkpoint.Work) checkpoints an ``--engine blocks`` run."""
+    (engine/checkpoint.Work) checkpoints an ``--engine blocks`` run; with a ``spool``, new tensors go
+    to disk as they are made (the result's initializers then point into the spool's file)."""
     config.validate()
     sanity.check(ir_model)
     started = time.perf_counter()
@@ -151,7 +154,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     targets = list(find_targets(ir_model, config.selection))
     roles = apply_lm_head(ir_model.graph, targets, config.selection, wc)  # --lm-head: float or 8 bits
     report.notes.extend(roles.notes)
-    emitter = make_emitter(ir_model, wc)
+    emitter = make_emitter(ir_model, wc, spool)
     for t in targets:
         if t.skip_reason is None:
             t.skip_reason = emitter.can_emit(t)
@@ -327,24 +330,25 @@ def quantize_file(
 
         ops.library_path()
     work = _work_folder(input_files, output_path, config, resume, work_dir)
-    try:
-        result = _quantize_model(source, config, progress, work)
-    except BaseException:
-        if work is not None:
-            work.abandon()
-        raise
-    if gate.note:
-        result.report.notes.append(gate.note)
     if external is None and len(input_files) > 1:
         external = True
-    started = time.perf_counter()
+    # An output with external data is streamed: each quantized tensor goes to a spool file beside the
+    # output as it is made, and the save copies it over in chunks (memory: one weight, not the model).
+    spool = Spool.beside(output_path) if external else None
     try:
+        result = _quantize_model(source, config, progress, work, spool)
+        if gate.note:
+            result.report.notes.append(gate.note)
+        started = time.perf_counter()
         written = io.save(result.model, output_path, external=external,
                           validate=lambda p: io.check(p, custom_ops=custom, gate=gate))
     except BaseException:
         if work is not None:
             work.abandon()
         raise
+    finally:
+        if spool is not None:
+            spool.close()
     if work is not None:
         work.remove()
     report = result.report

@@ -64,7 +64,7 @@ class ClipSearch:
         self.stats.update(x)
 
     def row_weight(self) -> np.ndarray | None:
-        return np.diag(self.stats.hessian()) if self.stats.rows else None
+        return self.stats.diagonal() if self.stats.rows else None
 
     def solve(self, w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         qp = search_qparams(w, spec, self.row_weight())

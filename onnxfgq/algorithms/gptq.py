@@ -31,32 +31,50 @@ def _row_params(qp: QParams, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
             expand_blocks(qp.zero_point, shape, qp.block_shape).astype(np.float32))
 
 
-def _inverse_hessian_chol(h: np.ndarray, damp: float, perm: np.ndarray, dead: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of ``(H' + damp*mean(diag)*I)^-1`` with ``H' = H[perm][:, perm]`` (dead
-    channels' diagonal set to 1), retrying with more damping.
+def _inverse_hessian_chol(h: np.ndarray, damp: float, perm: np.ndarray, dead: np.ndarray,
+                          divisors: tuple[float, ...] = ()) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``(H' + damp*mean(diag)*I)^-1`` (``U^T U``) with
+    ``H' = H[perm][:, perm] / divisors`` (dead channels' diagonal set to 1), float32, retrying with more
+    damping.
 
-    Memory: one float64 ``K x K`` working copy besides ``h`` (factorisation, inverse and the second
-    factorisation all overwrite it, LAPACK's potrf/potri/potrf), not the six of a functional version:
-    at K = 11008 (a 7B model's down projection) each copy is 0.97 GB.
+    One factorisation and one triangular inverse (``2/3 K^3`` flops) instead of the textbook
+    Cholesky, inverse and second Cholesky (``4/3 K^3``): with ``J`` the reversal permutation and
+    ``J A J = L L^T`` (lower Cholesky of the reversed matrix), ``A = R R^T`` with ``R = J L J`` upper
+    triangular, so ``A^-1 = (R^-1)^T R^-1`` and ``U = R^-1 = J L^-1 J`` (the factor is unique). At
+    K = 11008 (a 7B model's down projection) the textbook route is ~1.8 Tflop of float64.
+
+    Memory: one float64 ``K x K`` working copy besides ``h``, factorised and inverted in place
+    (LAPACK's potrf/trtri), then the float32 result. Dividing the permuted copy in place by
+    ``divisors`` gives the same numbers as permuting ``h / divisors`` without that second copy.
     """
     from scipy.linalg import lapack
 
     k = h.shape[0]
     live = ~dead
-    mean_diag = float((np.diag(h)[live].sum() + dead.sum()) / k) or 1.0
-    dead_rows = np.flatnonzero(dead[perm])
+    diag = np.diag(h).copy()
+    for d in divisors:
+        diag /= d
+    mean_diag = float((diag[live].sum() + dead.sum()) / k) or 1.0
+    rev = perm[::-1]
+    dead_rows = np.flatnonzero(dead[rev])
     for factor in DAMPING_STEPS:
-        work = h[np.ix_(perm, perm)].T  # symmetric: its transpose is the Fortran-ordered array LAPACK wants
+        work = h[np.ix_(rev, rev)].T  # J H' J; symmetric, so its transpose is the Fortran-ordered array
+        for d in divisors:
+            work /= d
         work[dead_rows, dead_rows] = 1.0
         work.flat[::k + 1] += damp * factor * mean_diag
-        chol, info = lapack.dpotrf(work, lower=False, overwrite_a=True, clean=False)
+        chol, info = lapack.dpotrf(work, lower=True, overwrite_a=True, clean=False)
         if info != 0:
             continue
-        inverse, info = lapack.dpotri(chol, lower=False, overwrite_c=True)  # upper triangle of H'^-1
+        inverse, info = lapack.dtrtri(chol, lower=True, overwrite_c=True)  # reads the lower triangle only
         if info != 0:
             continue
-        upper, info = lapack.dpotrf(inverse, lower=False, overwrite_a=True, clean=True)  # reads the upper only
-        if info == 0:
+        del work, chol
+        upper = inverse[::-1, ::-1].astype(np.float32)  # J L^-1 J: upper triangular
+        del inverse
+        for i in range(1, k):  # the strict lower part holds the input's leftovers (in rows: no K x K mask)
+            upper[i, :i] = 0.0
+        if np.all(np.isfinite(np.diagonal(upper))):
             return upper
     raise np.linalg.LinAlgError(f"the Hessian is not positive definite even with {DAMPING_STEPS[-1]}x dampening")
 
@@ -75,16 +93,18 @@ def row_order(diag_h: np.ndarray, order: str, block: int) -> np.ndarray:
     return np.concatenate([rows[np.argsort(-diag_h[rows], kind="stable")] for rows in groups])
 
 
-def prepare(h: np.ndarray, *, damp: float, order: str = "act", block: int = 0):
-    """What GPTQ needs from a Hessian, shared by every weight that reads the same input:
+def prepare(h: np.ndarray, *, damp: float, order: str = "act", block: int = 0, divisors: tuple[float, ...] = ()):
+    """What GPTQ needs from a Hessian ``h / divisors`` (``h`` may be the statistics' Gram matrix: it is
+    read, never copied whole or written), shared by every weight that reads the same input:
     (dead input channels, row order, upper Cholesky factor of the damped inverse in that order)."""
     h = np.asarray(h, dtype=np.float64)
     diag = np.diag(h).copy()
+    for d in divisors:
+        diag /= d
     dead = diag == 0
     diag[dead] = 1.0
     perm = row_order(diag, order, block or h.shape[0])
-    u = _inverse_hessian_chol(h, damp, perm, dead).astype(np.float32)
-    return dead, perm, u
+    return dead, perm, _inverse_hessian_chol(h, damp, perm, dead, divisors)
 
 
 def _segments(perm: np.ndarray, block: int, block_rows: int, whole_groups: bool) -> list[tuple[int, int]]:
@@ -206,36 +226,52 @@ class GPTQ:
     def observe(self, x: np.ndarray) -> None:
         self.stats.update(x)
 
+    def _damping(self) -> tuple[float, str]:
+        st, damp = self.stats, self.damp
+        if st.rows >= st.k:
+            return damp, ""
+        # A rank-deficient H: GPTQ fits the rows it saw and pushes the error into directions it never
+        # saw (held-out output error 1.2-1.9x RTN's at 1/16-1 rows per input with damp 0.01; on CNN
+        # classifiers, 16 rows for 1024-2048 inputs gave cosine 0.22-0.80 where RTN gives 0.997).
+        # Dampening of 0.5 * inputs/rows measured 0.82-1.01x RTN's error over the same range.
+        damp = max(damp, 0.5 * st.k / max(st.rows, 1))
+        return damp, (f"GPTQ saw {int(st.rows)} calibration rows for {st.k} inputs: dampening raised to "
+                      f"{damp:.2g} (give at least {st.k} rows)")
+
+    def warm(self) -> None:
+        """Compute what every weight reading these statistics shares (the factorisation, the float32 H),
+        so that slices of a weight can then be solved on several threads at once."""
+        st = self.stats
+        if st.gram is None or st.rows == 0 or not st.finite():
+            return
+        self._prepared(self._damping()[0])
+        st.normalized32()
+
+    def _prepared(self, damp: float):
+        st = self.stats
+        key = ("gptq", damp, "act" if self.act_order else "none")
+        if key not in st.cache:  # q, k and v share one factorisation
+            try:  # read straight from the Gram matrix: no K x K float64 copy of H besides LAPACK's
+                st.cache[key] = prepare(st.gram, damp=damp, order=key[2], divisors=st.normalizers())
+            except np.linalg.LinAlgError as exc:
+                st.cache[key] = str(exc)
+        return st.cache[key]
+
     def solve(self, w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         """GPTQ on this weight; RTN (with a note saying why) when the Hessian is unusable."""
-        h = self.stats.hessian()
-        if not np.all(np.isfinite(h)):
+        st = self.stats
+        if st.gram is None or st.rows == 0:
+            raise ValueError("no activations were observed")
+        if not st.finite():
             return _rtn(w, spec, "GPTQ fell back to RTN: the calibration inputs hold NaN/Inf")
-        damp, note = self.damp, ""
-        k = h.shape[0]
-        if self.stats.rows < k:
-            # A rank-deficient H: GPTQ fits the rows it saw and pushes the error into directions it never
-            # saw (held-out output error 1.2-1.9x RTN's at 1/16-1 rows per input with damp 0.01; on CNN
-            # classifiers, 16 rows for 1024-2048 inputs gave cosine 0.22-0.80 where RTN gives 0.997).
-            # Dampening of 0.5 * inputs/rows measured 0.82-1.01x RTN's error over the same range.
-            damp = max(damp, 0.5 * k / max(self.stats.rows, 1))
-            note = (f"GPTQ saw {int(self.stats.rows)} calibration rows for {k} inputs: dampening raised to "
-                    f"{damp:.2g} (give at least {k} rows)")
-        # GPTQ is invariant to the scale of H; normalised, float32 copies of it (the Cholesky factor,
-        # refit) cannot overflow whatever the activations' magnitude.
-        scale = float(np.mean(np.diag(h)))
-        if scale > 0 and scale != 1.0:
-            h /= scale  # in place: ``hessian()`` returned a fresh array (1 GB at K = 11008)
-        order = "act" if self.act_order else "none"
-        key = ("gptq", damp, order)
-        if key not in self.stats.cache:  # q, k and v share one factorisation
-            try:
-                self.stats.cache[key] = prepare(h, damp=damp, order=order)
-            except np.linalg.LinAlgError as exc:
-                self.stats.cache[key] = str(exc)
-        if isinstance(self.stats.cache[key], str):
-            return _rtn(w, spec, f"GPTQ fell back to RTN: {self.stats.cache[key]}")
-        q = gptq(w, h, spec, damp=damp, act_order=self.act_order, clip=self.clip, prepared=self.stats.cache[key])
+        damp, note = self._damping()
+        prepared = self._prepared(damp)
+        if isinstance(prepared, str):
+            return _rtn(w, spec, f"GPTQ fell back to RTN: {prepared}")
+        # GPTQ is invariant to the scale of H; the normalised float32 H (refit, clip's weights) cannot
+        # overflow whatever the activations' magnitude.
+        h = st.normalized32()
+        q = gptq(w, h, spec, damp=damp, act_order=self.act_order, clip=self.clip, prepared=prepared)
         if not self.refit or note:  # least-squares scales on a rank-deficient H overfit (SQNR 22 -> 6 dB)
             return QuantizedWeight(q.codes, q.qparams, note)
         return QuantizedWeight(q.codes, refit_scales(w, h, q.codes, q.qparams), note)

@@ -7,18 +7,41 @@ from __future__ import annotations
 import numpy as np
 
 
+BAND = 512  # rows of the K x K statistics updated at once (bounded temporaries at any K)
+
+
 class ActivationStats:
     def __init__(self) -> None:
-        self.gram: np.ndarray | None = None  # float64 [K, K], sum of x x^T over rows
+        self._gram: np.ndarray | None = None  # float64 [K, K], sum of x x^T over rows (see ``gram``)
+        self._lower_stale = False  # only the upper triangle was accumulated since the last ``gram``
         self.abs_sum: np.ndarray | None = None  # float64 [K]
         self.rows = 0
         self.cache: dict = {}  # solver by-products that depend only on these statistics
+
+    @property
+    def gram(self) -> np.ndarray | None:
+        """``X^T X`` (float64, symmetric). Batches add to the upper triangle only (half the flops: a 7B
+        down projection's statistics cost as much as running its layer); it is mirrored here, in
+        place, when read."""
+        if self._lower_stale:
+            g = self._gram
+            for i in range(0, g.shape[0], BAND):
+                j = i + BAND
+                g[i:j, :i] = g[:i, i:j].T
+                diag_block = g[i:j, i:j]
+                diag_block[:] = np.triu(diag_block) + np.triu(diag_block, 1).T
+            self._lower_stale = False
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: np.ndarray | None) -> None:
+        self._gram, self._lower_stale = value, False
 
     def update(self, x: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Add one batch ``[..., K]`` (rows are every leading index), optionally with a weight per row."""
         x = np.asarray(x, dtype=np.float32)
         x = x.reshape(-1, x.shape[-1])
-        if self.gram is None:
+        if self._gram is None:
             k = x.shape[1]
             self.gram = np.zeros((k, k), np.float64)
             self.abs_sum = np.zeros(k, np.float64)
@@ -28,25 +51,68 @@ class ActivationStats:
         m = peak if np.isfinite(peak) and peak > 0 else 1.0  # NaN/Inf inputs stay visible in the result
         xs = x / np.float32(m) if m != 1.0 else x
         if weights is None:
-            self.gram += (xs.T @ xs).astype(np.float64) * (m * m)
+            self._add_upper(xs, m * m)
             self.abs_sum += np.abs(x).sum(0, dtype=np.float64)
             self.rows += x.shape[0]
         else:
             wt = np.asarray(weights, np.float32).reshape(-1, 1)
-            self.gram += ((xs * wt).T @ xs).astype(np.float64) * (m * m)
+            self._add_upper(xs * np.sqrt(wt), m * m)  # sum of w x x^T = (sqrt(w) x)^T (sqrt(w) x)
             self.abs_sum += (np.abs(x) * wt).sum(0, dtype=np.float64)
             self.rows += float(wt.sum())
         self.cache.clear()
 
+    def _add_upper(self, xs: np.ndarray, factor: float) -> None:
+        """``factor * xs^T xs`` added to the upper triangle: BLAS ssyrk, then float64 bands (no K x K
+        float64 temporary: the old ``(xs.T @ xs).astype(float64) * f`` made two, 1.9 GB at K = 11008)."""
+        from scipy.linalg.blas import ssyrk
+
+        if not len(xs):
+            return
+        upper = ssyrk(1.0, xs, trans=1, lower=0)  # float32 [K, K], upper triangle
+        g = self._gram
+        for i in range(0, g.shape[0], BAND):
+            g[i:i + BAND, i:] += np.multiply(upper[i:i + BAND, i:], factor, dtype=np.float64)
+        self._lower_stale = True
+
     @property
     def k(self) -> int:
-        return 0 if self.gram is None else self.gram.shape[0]
+        return 0 if self._gram is None else self._gram.shape[0]
 
     def hessian(self) -> np.ndarray:
         """``X^T X / rows`` (float64): the output error of ``W + D`` is ``trace(D^T H D)`` per row."""
         if self.gram is None or self.rows == 0:
             raise ValueError("no activations were observed")
         return self.gram / self.rows
+
+    def normalizers(self) -> tuple[float, ...]:
+        """The divisors that turn the Gram matrix into GPTQ's normalised Hessian: ``rows``, then the mean
+        of ``diag(X^T X / rows)`` (skipped when it is 0 or 1), applied one after the other so that
+        every consumer gets the same float64 numbers as ``hessian() / mean(diag)``."""
+        scale = float(np.mean(self.diagonal()))
+        return (self.rows, scale) if scale > 0 and scale != 1.0 else (self.rows,)
+
+    def finite(self) -> bool:
+        if "finite" not in self.cache:
+            self.cache["finite"] = bool(np.all(np.isfinite(self.gram)))
+        return self.cache["finite"]
+
+    def normalized32(self, rows_at_once: int = 512) -> np.ndarray:
+        """``H / mean(diag H)`` in float32, cached; made a band of rows at a time from the Gram matrix,
+        so the K x K float64 intermediate never exists (0.97 GB at K = 11008)."""
+        if "h32" not in self.cache:
+            divisors = self.normalizers()
+            out = np.empty(self.gram.shape, np.float32)
+            for i in range(0, self.k, rows_at_once):
+                band = self.gram[i:i + rows_at_once].copy()
+                for d in divisors:
+                    band /= d
+                out[i:i + rows_at_once] = band
+            self.cache["h32"] = out
+        return self.cache["h32"]
+
+    def diagonal(self) -> np.ndarray:
+        """``diag(hessian())`` without the K x K copy."""
+        return np.diag(self.gram) / self.rows
 
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.rows, 1)

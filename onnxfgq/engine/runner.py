@@ -17,11 +17,13 @@ The calibration feeds are written to a cache folder once. Then, block after bloc
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ from onnxfgq.engine.blocks import Block, Chain, partition
 from onnxfgq.graph.targets import Target
 
 Progress = Callable[[Iterable, int, str], Iterable]
-SOLVE_COLUMNS = 4096  # output columns solved at once (ColumnChunks)
+SOLVE_COLUMNS = 1024  # output columns solved at once (ColumnChunks), in parallel
 
 
 # ---------------------------------------------------------------------------------------- sessions
@@ -147,13 +149,17 @@ def _node_dtype(t: Target) -> np.dtype:
 
 
 class ColumnChunks:
-    """Solves a weight a slice of output columns at a time, so a wide weight (an lm_head) never has
-    the solver's float64 work arrays for all its columns at once. Exact for layouts whose blocks are
-    one column wide (group-wise and per-channel), to float rounding: GPTQ's error propagation, its act-order and the
-    clipping search act on each column separately, given the shared input statistics."""
+    """Solves a weight a slice of output columns at a time: a wide weight (an lm_head) never has the
+    solver's work arrays for all its columns at once, and the slices run on ``workers`` threads (one
+    BLAS thread each: a 7B down projection's solve is one group, which would otherwise leave all cores
+    but one idle). Exact for layouts whose blocks are one column wide (group-wise and per-channel), to
+    float rounding: GPTQ's error propagation, its act-order and the clipping search act on each column
+    separately, given the shared input statistics. The slices are fixed by ``columns``, never by the
+    number of workers, so the output bytes are the same on any machine."""
 
-    def __init__(self, solver, columns: int = SOLVE_COLUMNS):
+    def __init__(self, solver, columns: int = SOLVE_COLUMNS, workers: int = 0):
         self.solver, self.columns = solver, columns
+        self.workers = workers or os.cpu_count() or 1
 
     def solve(self, w: np.ndarray, spec: QuantSpec):
         from onnxfgq.algorithms.base import QuantizedWeight
@@ -162,8 +168,15 @@ class ColumnChunks:
         n = w.shape[1]
         if spec.block_shape[1] != 1 or n <= self.columns:
             return self.solver.solve(w, spec)
-        parts = [self.solver.solve(np.ascontiguousarray(w[:, j:j + self.columns]), spec)
-                 for j in range(0, n, self.columns)]
+        warm = getattr(self.solver, "warm", None)
+        if warm is not None:  # shared by the slices: computed once, before they start
+            warm()
+        slices = [np.ascontiguousarray(w[:, j:j + self.columns]) for j in range(0, n, self.columns)]
+        if self.workers > 1:
+            with ThreadPoolExecutor(max_workers=min(self.workers, len(slices))) as pool:
+                parts = list(pool.map(lambda x: self.solver.solve(x, spec), slices))
+        else:
+            parts = [self.solver.solve(x, spec) for x in slices]
         qp = parts[0].qparams
         qparams = QParams(np.concatenate([p.qparams.scale for p in parts], axis=1),
                           np.concatenate([p.qparams.zero_point for p in parts], axis=1), qp.block_shape, qp.qr)
@@ -390,7 +403,7 @@ def _sampled_output_error(w: np.ndarray, wq: np.ndarray, stats: ActivationStats)
     if n > ERROR_COLUMNS:
         cols = np.unique(np.linspace(0, n - 1, ERROR_COLUMNS).round().astype(np.int64))
         w, wq = w[:, cols], wq[:, cols]
-    return output_error(w, wq, stats.hessian())
+    return output_error(w, wq, stats.gram)  # the ratio does not depend on the scale: no K x K copy
 
 
 def _minutes(seconds: float) -> str:

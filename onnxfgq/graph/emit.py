@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from onnxfgq.algorithms import QuantizedWeight
 from onnxfgq.config import Granularity, OutputFormat, WeightConfig
+from onnxfgq.graph.spool import Spool
 from onnxfgq.graph.targets import Target, constant_chain
 from onnxfgq.quant import pack_int4, pack_matmulnbits, pack_matmulnbits_zero_points
 from onnxfgq.quant.layouts import resample_blocks, signed_codes
@@ -76,8 +77,9 @@ class Emitter:
 
     format: OutputFormat
 
-    def __init__(self, model: ir.Model, config: WeightConfig):
+    def __init__(self, model: ir.Model, config: WeightConfig, spool: Spool | None = None):
         self.model = model
+        self.spool = spool  # where new initializers' bytes go (None: they stay in memory)
         self.graph = model.graph
         self.config = config
         self._cache: dict[tuple, tuple[ir.Value | None, ...]] = {}
@@ -95,7 +97,7 @@ class Emitter:
             while name in graph.initializers or name in self.graph.initializers:  # no shadowing either
                 i += 1
                 name = f"{base}_{i}"
-            return _initializer(graph, name, tensor)
+            return _initializer(graph, name, self.spool.put(tensor) if self.spool is not None else tensor)
         taken = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
         name, i = base, 0
         while name in taken:
@@ -331,14 +333,14 @@ class QDQEmitter(Emitter):
         return {"axis": red, "block_size": int(block_shape[red])}, scale, zero
 
 
-def make_emitter(model: ir.Model, config: WeightConfig) -> Emitter:
+def make_emitter(model: ir.Model, config: WeightConfig, spool: Spool | None = None) -> Emitter:
     fmt = config.resolved_format()
     if fmt is OutputFormat.MATMULNBITS:
-        return MatMulNBitsEmitter(model, config)
+        return MatMulNBitsEmitter(model, config, spool)
     if fmt is OutputFormat.QDQ:
-        return QDQEmitter(model, config)
+        return QDQEmitter(model, config, spool)
     if fmt is OutputFormat.CUSTOM:
         from onnxfgq.graph.emit_custom import CustomOpEmitter
 
-        return CustomOpEmitter(model, config)
+        return CustomOpEmitter(model, config, spool)
     raise ValueError(f"no emitter for format {fmt}")
