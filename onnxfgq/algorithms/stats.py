@@ -13,29 +13,29 @@ BAND = 512  # rows of the K x K statistics updated at once (bounded temporaries 
 class ActivationStats:
     def __init__(self) -> None:
         self._gram: np.ndarray | None = None  # float64 [K, K], sum of x x^T over rows (see ``gram``)
-        self._lower_stale = False  # only the upper triangle was accumulated since the last ``gram``
+        self._upper_stale = False  # only the lower triangle was accumulated since the last ``gram``
         self.abs_sum: np.ndarray | None = None  # float64 [K]
         self.rows = 0
         self.cache: dict = {}  # solver by-products that depend only on these statistics
 
     @property
     def gram(self) -> np.ndarray | None:
-        """``X^T X`` (float64, symmetric). Batches add to the upper triangle only (half the flops: a 7B
+        """``X^T X`` (float64, symmetric). Batches add to the lower triangle only (half the flops: a 7B
         down projection's statistics cost as much as running its layer); it is mirrored here, in
         place, when read."""
-        if self._lower_stale:
+        if self._upper_stale:
             g = self._gram
             for i in range(0, g.shape[0], BAND):
                 j = i + BAND
-                g[i:j, :i] = g[:i, i:j].T
+                g[:i, i:j] = g[i:j, :i].T
                 diag_block = g[i:j, i:j]
-                diag_block[:] = np.triu(diag_block) + np.triu(diag_block, 1).T
-            self._lower_stale = False
+                diag_block[:] = np.tril(diag_block) + np.tril(diag_block, -1).T
+            self._upper_stale = False
         return self._gram
 
     @gram.setter
     def gram(self, value: np.ndarray | None) -> None:
-        self._gram, self._lower_stale = value, False
+        self._gram, self._upper_stale = value, False
 
     def update(self, x: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Add one batch ``[..., K]`` (rows are every leading index), optionally with a weight per row."""
@@ -45,34 +45,41 @@ class ActivationStats:
             k = x.shape[1]
             self.gram = np.zeros((k, k), np.float64)
             self.abs_sum = np.zeros(k, np.float64)
-        # X^T X in float32 overflows once |x| passes ~1e19 (and a sum of many rows sooner): scale the
-        # batch to max |x| = 1 for the float32 product and scale back in float64.
-        peak = float(np.max(np.abs(x))) if x.size else 0.0
-        m = peak if np.isfinite(peak) and peak > 0 else 1.0  # NaN/Inf inputs stay visible in the result
-        xs = x / np.float32(m) if m != 1.0 else x
         if weights is None:
-            self._add_upper(xs, m * m)
+            self._add_lower(x)
             self.abs_sum += np.abs(x).sum(0, dtype=np.float64)
             self.rows += x.shape[0]
         else:
             wt = np.asarray(weights, np.float32).reshape(-1, 1)
-            self._add_upper(xs * np.sqrt(wt), m * m)  # sum of w x x^T = (sqrt(w) x)^T (sqrt(w) x)
+            self._add_lower(x * np.sqrt(wt))  # sum of w x x^T = (sqrt(w) x)^T (sqrt(w) x)
             self.abs_sum += (np.abs(x) * wt).sum(0, dtype=np.float64)
             self.rows += float(wt.sum())
         self.cache.clear()
 
-    def _add_upper(self, xs: np.ndarray, factor: float) -> None:
-        """``factor * xs^T xs`` added to the upper triangle: BLAS ssyrk, then float64 bands (no K x K
-        float64 temporary: the old ``(xs.T @ xs).astype(float64) * f`` made two, 1.9 GB at K = 11008)."""
+    def _add_lower(self, x: np.ndarray) -> None:
+        """``x^T x`` added to the lower triangle: BLAS ssyrk, then float64 row bands (no K x K float64
+        temporary: ``(x.T @ x).astype(float64)`` made one, 0.97 GB at K = 11008)."""
         from scipy.linalg.blas import ssyrk
 
-        if not len(xs):
+        if not len(x):
             return
-        upper = ssyrk(1.0, xs, trans=1, lower=0)  # float32 [K, K], upper triangle
+        # X^T X in float32 overflows once |x| passes ~1e19 (and a sum of many rows sooner): such a
+        # batch is scaled to max |x| = 1 for the float32 product and scaled back in float64.
+        peak = float(np.max(np.abs(x)))
+        m = peak if np.isfinite(peak) and peak > 0 else 1.0  # NaN/Inf inputs stay visible in the result
+        factor = m * m if m * m * len(x) > 1e30 else 1.0
+        xs = x / np.float32(m) if factor != 1.0 else x
+        # x.T is Fortran-ordered (no copy): A A^T with A = x.T; its upper triangle in Fortran order is
+        # the lower triangle of the transpose in C order, read in contiguous row bands.
+        lower = ssyrk(1.0, xs.T, trans=0, lower=0).T
         g = self._gram
         for i in range(0, g.shape[0], BAND):
-            g[i:i + BAND, i:] += np.multiply(upper[i:i + BAND, i:], factor, dtype=np.float64)
-        self._lower_stale = True
+            j = i + BAND
+            if factor == 1.0:
+                g[i:j, :j] += lower[i:j, :j]
+            else:
+                g[i:j, :j] += np.multiply(lower[i:j, :j], factor, dtype=np.float64)
+        self._upper_stale = True
 
     @property
     def k(self) -> int:
