@@ -25,7 +25,7 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    codes: np.ndarray  # int32 [K, N], unsigned codes
+    codes: np.ndarray  # [K, N] unsigned codes, in the narrowest integer type that holds them (code_dtype)
     qparams: QParams  # per block of [K, N]
     note: str = ""  # what the algorithm had to do differently (e.g. GPTQ's fallback to RTN), for the report
 

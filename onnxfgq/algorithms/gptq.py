@@ -21,6 +21,7 @@ from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
 from onnxfgq.algorithms.clip import search_qparams
 from onnxfgq.algorithms.stats import ActivationStats
 from onnxfgq.quant import QParams, compute_qparams, expand_blocks
+from onnxfgq.quant.core import code_dtype
 
 DAMPING_STEPS = (1, 10, 100, 1000, 10**4, 10**6)  # times the requested dampening, tried in order
 
@@ -140,7 +141,7 @@ def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, *, damp: float = 0.01, a
     dynamic = grouped and order != "act"
     dead, perm, u = prepared if prepared is not None else prepare(h, damp=damp, order=order, block=bk)
     w[dead, :] = 0.0
-    diag_h = np.diag(h)
+    diag_h = np.diag(h) if clip else None  # the clipping search's row weights
 
     def qparams(x: np.ndarray, s: QuantSpec, rows: np.ndarray | None = None):
         if clip:
@@ -179,7 +180,7 @@ def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, *, damp: float = 0.01, a
         qp = QParams(group_scale, group_zero, qp.block_shape, qp.qr)
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(k)
-    return QuantizedWeight(codes[inverse].astype(np.int32), qp)
+    return QuantizedWeight(codes[inverse].astype(code_dtype(qp.qr)), qp)
 
 
 def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, qp: QParams) -> QParams:
@@ -244,8 +245,15 @@ class GPTQ:
         st = self.stats
         if st.gram is None or st.rows == 0 or not st.finite():
             return
-        self._prepared(self._damping()[0])
-        st.normalized32()
+        damp, note = self._damping()
+        self._prepared(damp)
+        if self._uses_h(note):
+            st.normalized32()
+
+    def _uses_h(self, note: str) -> bool:
+        """Whether the solve reads H itself (the clipping search, the scale refit), besides its factor:
+        only then is its float32 copy made (0.48 GB at K = 11008)."""
+        return self.clip or (self.refit and not note)
 
     def _prepared(self, damp: float):
         st = self.stats
@@ -270,7 +278,7 @@ class GPTQ:
             return _rtn(w, spec, f"GPTQ fell back to RTN: {prepared}")
         # GPTQ is invariant to the scale of H; the normalised float32 H (refit, clip's weights) cannot
         # overflow whatever the activations' magnitude.
-        h = st.normalized32()
+        h = st.normalized32() if self._uses_h(note) else None
         q = gptq(w, h, spec, damp=damp, act_order=self.act_order, clip=self.clip, prepared=prepared)
         if not self.refit or note:  # least-squares scales on a rank-deficient H overfit (SQNR 22 -> 6 dB)
             return QuantizedWeight(q.codes, q.qparams, note)
