@@ -17,7 +17,7 @@ from onnxfgq.algorithms import QuantizedWeight
 from onnxfgq.config import Granularity, OutputFormat, WeightConfig
 from onnxfgq.graph.spool import Spool
 from onnxfgq.graph.targets import Target, constant_chain
-from onnxfgq.quant import pack_int4, pack_matmulnbits, pack_matmulnbits_zero_points
+from onnxfgq.quant import pack_int4, pack_matmulnbits_kn, pack_matmulnbits_zero_points
 from onnxfgq.quant.layouts import resample_blocks, signed_codes
 
 MS_DOMAIN = "com.microsoft"
@@ -229,7 +229,7 @@ class MatMulNBitsEmitter(Emitter):
             target.node.graph.insert_before(target.node, reshape)
             b, nbytes = reshape.outputs[0], 0
         else:
-            blob = pack_matmulnbits(np.ascontiguousarray(qw.codes.T), bits, bk)
+            blob = pack_matmulnbits_kn(qw.codes, bits, bk)
             (b, s, z), nbytes = self._register(target, key, target.chain.root.name or target.name,
                                                [ir.tensor(blob), ir.tensor(scales), zp])
         bias = self._folded_bias(target)

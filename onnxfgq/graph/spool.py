@@ -40,12 +40,11 @@ class Spool:
         if tensor.nbytes < SPOOL_MIN_BYTES or isinstance(tensor, ir.ExternalTensor):
             return tensor
         offset = self.size
-        data = tensor.tobytes()
-        self._file.write(data)
+        tensor.tofile(self._file)  # no bytes copy of the tensor
         self._file.flush()  # readable through the path at once (a save or a session may read it)
-        self.size += len(data)
-        return ir.ExternalTensor(_NAME, offset=offset, length=len(data), dtype=tensor.dtype, shape=tensor.shape,
-                                 name=tensor.name, base_dir=str(self.folder))
+        self.size = self._file.tell()
+        return ir.ExternalTensor(_NAME, offset=offset, length=self.size - offset, dtype=tensor.dtype,
+                                 shape=tensor.shape, name=tensor.name, base_dir=str(self.folder))
 
     def close(self) -> None:
         if not self._file.closed:

@@ -17,6 +17,7 @@ from onnxfgq.quant.core import (
 from onnxfgq.quant.packing import (
     pack_int4,
     pack_matmulnbits,
+    pack_matmulnbits_kn,
     pack_matmulnbits_zero_points,
     unpack_int4,
     unpack_matmulnbits,
@@ -34,6 +35,7 @@ __all__ = [
     "num_blocks",
     "pack_int4",
     "pack_matmulnbits",
+    "pack_matmulnbits_kn",
     "pack_matmulnbits_zero_points",
     "qrange",
     "quantize",

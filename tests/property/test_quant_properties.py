@@ -16,6 +16,7 @@ from onnxfgq.quant import (
     expand_blocks,
     pack_int4,
     pack_matmulnbits,
+    pack_matmulnbits_kn,
     pack_matmulnbits_zero_points,
     quantize,
     unpack_int4,
@@ -88,6 +89,7 @@ def test_matmulnbits_packing_round_trip(data, bits, block):
     blob = pack_matmulnbits(codes, bits, block)
     assert blob.shape == (n, -(-k // block), block * bits // 8)
     assert np.array_equal(unpack_matmulnbits(blob, bits, k), codes)
+    assert np.array_equal(pack_matmulnbits_kn(np.ascontiguousarray(codes.T), bits, block), blob)  # the emitter's route
     blocks = -(-k // block)
     zp = data.draw(hnp.arrays(np.uint8, (n, blocks), elements=st.integers(0, 2 ** bits - 1)))
     packed = pack_matmulnbits_zero_points(zp, bits)
