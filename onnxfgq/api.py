@@ -323,8 +323,10 @@ def quantize_file(
     input_files = [input_path, *io.external_inputs(source)]
     io.check_output_path(output_path, input_files)
     config = _with_model_dir(config or QuantizeConfig(), input_path.resolve().parent)
-    gate = io.input_gate(input_path, source)  # before any work: refuse what cannot be validated
     custom = config.weights.resolved_format() is OutputFormat.CUSTOM
+    # Before long (calibrated) work, refuse what cannot be validated; a run of seconds checks the input
+    # only where the output fails a check.
+    gate = io.input_gate(input_path, source, defer=not needs_plan(config.weights))
     if custom:  # the output can only be validated with the library: a missing one fails now, not at the end
         from onnxfgq import ops
 
@@ -337,11 +339,12 @@ def quantize_file(
     spool = Spool.beside(output_path) if external else None
     try:
         result = _quantize_model(source, config, progress, work, spool)
-        if gate.note:
-            result.report.notes.append(gate.note)
         started = time.perf_counter()
+        applied: list[io.Gate] = []
         written = io.save(result.model, output_path, external=external,
-                          validate=lambda p: io.check(p, custom_ops=custom, gate=gate))
+                          validate=lambda p: applied.append(io.check(p, custom_ops=custom, gate=gate)))
+        if applied[0].note:
+            result.report.notes.append(applied[0].note)
     except BaseException:
         if work is not None:
             work.abandon()
