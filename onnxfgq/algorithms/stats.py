@@ -117,9 +117,19 @@ class ActivationStats:
             self.cache["h32"] = out
         return self.cache["h32"]
 
+    def release_gram(self) -> np.ndarray:
+        """The float64 Gram matrix, handed to a caller that may overwrite it (GPTQ factorises it in
+        place). These statistics keep a float32 copy for everything else (the diagonal, the normalised
+        H, the report's output error): half the memory from then on. Released before: a float64 copy."""
+        g = self.gram
+        if g.dtype != np.float64:
+            return g.astype(np.float64)
+        self._gram = g.astype(np.float32)
+        return g
+
     def diagonal(self) -> np.ndarray:
         """``diag(hessian())`` without the K x K copy."""
-        return np.diag(self.gram) / self.rows
+        return np.diag(self.gram).astype(np.float64) / self.rows
 
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.rows, 1)
@@ -136,10 +146,11 @@ class ActivationStats:
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """Relative output error ``|X (W_hat - W)|^2 / |X W|^2`` from ``H = X^T X / n``."""
-    d = np.asarray(w_hat, np.float64) - np.asarray(w, np.float64)
-    w = np.asarray(w, np.float64)
-    noise = float(np.sum((h @ d) * d))
-    signal = float(np.sum((h @ w) * w))
+    dtype = np.float32 if h.dtype == np.float32 else np.float64  # never a float64 copy of a float32 H
+    d = (np.asarray(w_hat, np.float64) - np.asarray(w, np.float64)).astype(dtype, copy=False)
+    w = np.asarray(w, dtype)
+    noise = float(np.sum((h @ d) * d, dtype=np.float64))
+    signal = float(np.sum((h @ w) * w, dtype=np.float64))
     return noise / signal if signal > 0 else (0.0 if noise == 0 else float("inf"))
 
 

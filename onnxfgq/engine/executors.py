@@ -13,8 +13,9 @@ parallelism comes from solving groups at once.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,6 +25,22 @@ from onnxfgq.config import EXECUTORS, ConfigError, WeightConfig
 
 SOLVE_BLAS_THREADS = 1
 PARALLEL_BYTES = 1 << 30  # groups solve at once only while their estimated working memory fits this
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A weight read only when its solve starts, so that a block's weights are not all held at once."""
+
+    load: Callable[[], np.ndarray]
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def _loaded(items: Sequence) -> list:
+    return [(w.load() if isinstance(w, WeightRef) else w, spec) for w, spec in items]
 
 
 def solve_bytes(group: tuple[ActivationStats, list]) -> int:
@@ -42,7 +59,7 @@ def solve_group(wc: WeightConfig, stats: ActivationStats, items: Sequence[tuple[
     from onnxfgq.engine.runner import ColumnChunks
 
     solver = ColumnChunks(_solver(wc, stats))
-    return [solver.solve(w, spec) for w, spec in items]
+    return [solver.solve(w.load() if isinstance(w, WeightRef) else w, spec) for w, spec in items]
 
 
 def solve_group_pinned(wc: WeightConfig, stats: ActivationStats, items) -> list[QuantizedWeight]:
@@ -113,7 +130,7 @@ class RayExecutor:
 
     def map(self, wc: WeightConfig, groups: list[tuple[ActivationStats, list]]) -> Iterator[list[QuantizedWeight]]:
         """Each group's solved weights, in the order of ``groups`` (the tasks run in any order)."""
-        refs = [self.task.remote(wc, st, items) for st, items in groups]
+        refs = [self.task.remote(wc, st, _loaded(items)) for st, items in groups]  # arrays travel, not readers
         del groups
         for ref in refs:
             yield self.ray.get(ref)

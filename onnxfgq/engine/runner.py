@@ -33,6 +33,7 @@ from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
 from onnxfgq.algorithms.stats import ActivationStats, output_error
 from onnxfgq.config import WeightConfig
 from onnxfgq.engine.blocks import Block, Chain, partition
+from onnxfgq.engine.executors import WeightRef
 from onnxfgq.graph.targets import Target
 
 Progress = Callable[[Iterable, int, str], Iterable]
@@ -338,11 +339,14 @@ class BlockEngine:
         for name, ks in groups.items():
             items = []
             for key in ks:
-                w = self.targets[key][0].weight()
+                t = self.targets[key][0]
+                w = t.weight()
                 if not np.all(np.isfinite(w)):  # the rewriter keeps it float and never asks
                     self.refused.add(key)
                     continue
-                items.append((w, plan.weights[key].spec))
+                # read again when its solve starts: a 7B MLP block's three weights are 540 MB
+                items.append((WeightRef(t.weight, w.shape), plan.weights[key].spec))
+                del w
                 order.append(key)
             if items:
                 jobs.append((stats[name], items))
