@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxfgq.algorithms import QuantizedWeight, QuantSpec, make_quantizer
+from onnxfgq.algorithms import QuantizedWeight, QuantSpec
+from onnxfgq.algorithms.rtn import solve_with_sqnr
 from onnxfgq.calibrated import needs_plan, plan_weights, storage_bits_of
 from onnxfgq.calibration.feeds import FeedOptions
 from onnxfgq.config import OutputFormat, QuantizeConfig, Simplify
@@ -197,9 +198,7 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
             return None, bad
         red, chan = t.quant_axes
         bits = roles.bits_for(t, wc.bits)
-        qw = make_quantizer("rtn").solve(w, QuantSpec(bits, wc.block_shape(w.shape, red, chan),
-                                                              wc.symmetric))
-        return qw, sqnr_db(w, qw.dequantize())
+        return solve_with_sqnr(w, QuantSpec(bits, wc.block_shape(w.shape, red, chan), wc.symmetric))
 
     # Plain solves of distinct weights run ahead on a small thread pool (numpy releases the GIL);
     # graph edits stay on this thread, in order.

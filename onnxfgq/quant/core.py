@@ -133,8 +133,9 @@ def fake_quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
     return dequantize(quantize(w, qp), qp)
 
 
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf for an exact match)."""
+def error_sums(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
+    """``(sum reference^2, sum (reference - approx)^2)``; NaN for both when the data holds NaN/Inf.
+    Sums of slices add up to the sums of the whole (``sqnr_from`` turns them into dB)."""
     ref = np.asarray(reference, dtype=np.float32).ravel()
     approx = np.asarray(approx, dtype=np.float32).ravel()
     noise = signal = 0.0
@@ -154,9 +155,20 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
             noise += float(np.vdot(e, e))
             signal += float(np.vdot(r, r))
         if not (np.isfinite(noise) and np.isfinite(signal)):
-            return float("nan")  # NaN/Inf in the data: no ratio to report
+            return float("nan"), float("nan")  # NaN/Inf in the data: no ratio to report
+    return signal, noise
+
+
+def sqnr_from(signal: float, noise: float) -> float:
+    if not (np.isfinite(noise) and np.isfinite(signal)):
+        return float("nan")
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
         return float("-inf")
     return 10.0 * np.log10(signal / noise)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf for an exact match, NaN for NaN/Inf data)."""
+    return sqnr_from(*error_sums(reference, approx))

@@ -138,3 +138,21 @@ def test_spool_is_removed_when_the_run_fails(tmp_path, monkeypatch):
     with pytest.raises(ValidationError):
         quantize_file(src, out / "q.onnx", QuantizeConfig(weights=WeightConfig(block_size=32)))
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, (128, 1), False), QuantSpec(4, (64, 1), True), QuantSpec(3, (300, 1), False)])
+def test_rtn_in_column_slices_is_rtn(spec):
+    """RTN's file-to-file path quantizes wide weights a slice of columns at a time (bounded temporaries):
+    the same codes and qparams as the whole weight at once, and the same SQNR."""
+    from onnxfgq.algorithms.rtn import RTN, solve_with_sqnr
+    from onnxfgq.quant import sqnr_db
+
+    w = np.random.default_rng(6).standard_normal((300, 2500)).astype(np.float32)
+    whole = RTN().solve(w, spec)
+    sliced, sqnr = solve_with_sqnr(w, spec, columns=700)
+    assert np.array_equal(whole.codes, sliced.codes)
+    assert np.array_equal(whole.qparams.scale, sliced.qparams.scale)
+    assert np.array_equal(whole.qparams.zero_point, sliced.qparams.zero_point)
+    assert sqnr == pytest.approx(sqnr_db(w, whole.dequantize()), abs=1e-4)
+    w[5, 2000] = np.nan
+    assert np.isnan(solve_with_sqnr(w, spec, columns=700)[1])  # NaN is reported as NaN
