@@ -12,6 +12,11 @@ The calibration feeds are written to a cache folder once. Then, block after bloc
    sequential mode), and nothing but one block's session, statistics and one batch of activations is
    in memory at a time.
 
+With ``--gptaq`` (asymmetric calibration) the float model's path is kept beside it: each block also
+runs with its float weights on the float path's cached inputs (``FLOAT``-prefixed cache entries), and
+each weight's statistics pair the quantized path's inputs with the float path's (``PairedStats``), so
+GPTQ can aim at the float model's output.
+
 ``plan_blockwise`` returns a ``calibrated.Plan`` whose ``engine`` hook does steps 1 and 3.
 """
 
@@ -28,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
+from onnxfgq.algorithms.gptaq import PairedStats
 from onnxfgq.algorithms.stats import ActivationStats, output_error
 from onnxfgq.config import WeightConfig
 from onnxfgq.engine.blocks import Block, Chain, partition
@@ -35,6 +41,7 @@ from onnxfgq.graph.targets import Target
 
 Progress = Callable[[Iterable, int, str], Iterable]
 SOLVE_COLUMNS = 4096  # output columns solved at once (ColumnChunks)
+FLOAT = "onnxfgq_float::"  # cache prefix of the float path's tensors (--gptaq)
 
 
 # ---------------------------------------------------------------------------------------- sessions
@@ -123,18 +130,23 @@ class ActivationCache:
 
 
 # ---------------------------------------------------------------------------------------- engine
-def _observe(st: ActivationStats, x: np.ndarray, mask: np.ndarray | None) -> None:
-    """As ``calibrated.collect_stats``: real tokens only, every sample weighing the same."""
+def _observe(st: ActivationStats, x: np.ndarray, mask: np.ndarray | None, x_float: np.ndarray | None = None) -> None:
+    """As ``calibrated.collect_stats``: real tokens only, every sample weighing the same. With
+    ``x_float`` (the float path's values of the same tensor) the rows are paired (``PairedStats``)."""
     from onnxfgq.calibrated import _token_mask
 
     m = _token_mask(mask, x) if mask is not None else None
+    weights = None
     if m is not None and x.ndim == 3:
         lengths = np.maximum(m.sum(1, keepdims=True), 1)
-        st.update(x[m], np.broadcast_to(m.shape[1] / lengths, m.shape)[m] * m.mean())
+        weights = np.broadcast_to(m.shape[1] / lengths, m.shape)[m] * m.mean()
     elif m is not None:
-        st.update(x[m[:, 0]])
+        m = m[:, 0]
+    rows = m if m is not None else slice(None)
+    if x_float is None:
+        st.update(x[rows], weights)
     else:
-        st.update(x)
+        st.update_pair(x[rows], x_float[rows], weights)
 
 
 def _node_dtype(t: Target) -> np.dtype:
@@ -209,6 +221,8 @@ class BlockEngine:
         self.last_block = max(block_of.values(), default=-1)
         self.started: float | None = None  # when the first block's work began (for the estimate)
         self.first = -1  # the first block this process worked on (a resumed run skips the others)
+        self.paired = wc.gptaq  # keep the float path beside the quantized one (--gptaq)
+        self.float_done: set[int] = set()  # blocks whose float-path outputs are in the cache
 
     # -- feeds
     def write_feeds(self, reader_batches: Iterable[dict[str, np.ndarray]]) -> int:
@@ -233,6 +247,17 @@ class BlockEngine:
 
     def _feed(self, block: Block, i: int) -> dict[str, np.ndarray]:
         return {n: self.cache.get(n, i) for n in block.inputs}
+
+    def _float_name(self, name: str) -> str:
+        """Cache name of a tensor on the float path (the model's inputs are the same on both)."""
+        return name if name in self.chain.graph_inputs else FLOAT + name
+
+    def _float_feed(self, block: Block, i: int) -> dict[str, np.ndarray]:
+        return {n: self.cache.get(self._float_name(n), i) for n in block.inputs}
+
+    def _needed(self, block: Block) -> list[str]:
+        """The block's outputs that a later block reads."""
+        return [n for n in block.outputs if self.last_reader.get(n, -1) > block.index]
 
     def _mask(self, i: int) -> np.ndarray | None:
         return np.asarray(self.cache.get(self.mask, i)) != 0 if self.mask else None
@@ -295,15 +320,27 @@ class BlockEngine:
         names = list(dict.fromkeys(self.targets[key][0].node.inputs[0].name for key in keys))
         inner = [n for n in names if n not in block.inputs]  # the rest are read from the cache
         sess = session(_with_outputs(block, inner)) if inner else None
-        stats = {n: ActivationStats() for n in names}
+        # the float path: the block as it is on the float inputs, its outputs cached for later blocks
+        fnames = list(dict.fromkeys(inner + self._needed(block))) if self.paired else []
+        fsess = session(_with_outputs(block, fnames)) if fnames else None
+        stats = {n: PairedStats() if self.paired else ActivationStats() for n in names}
         label = self._label(block, "statistics")
         for i in self.progress(range(self.cache.batches), self.cache.batches, label):
             mask = self._mask(i)
             feed = self._feed(block, i)
             values = dict(zip(inner, sess.run(inner, feed))) if sess is not None else {}
+            fvalues = {}
+            if self.paired:
+                ffeed = self._float_feed(block, i)
+                fvalues = {**ffeed, **dict(zip(fnames, fsess.run(fnames, ffeed)))} if fsess else ffeed
+                for name in self._needed(block):
+                    self.cache.put(FLOAT + name, i, fvalues[name])
             for name in names:
-                _observe(stats[name], values[name] if name in values else feed[name], mask)
-        del sess
+                x = values[name] if name in values else feed[name]
+                _observe(stats[name], x, mask, fvalues[name] if self.paired else None)
+        del sess, fsess
+        if self.paired:
+            self.float_done.add(block.index)
         groups: dict[str, list[tuple]] = {}
         for key in keys:
             p = plan.weights[key]
@@ -345,12 +382,18 @@ class BlockEngine:
             for t in self.targets[key]:
                 w = self.effective[key].astype(_node_dtype(t))
                 weights[t.node.outputs[0].name] = np.ascontiguousarray(w.T if t.transposed else w)
-        needed = [n for n in block.outputs if self.last_reader.get(n, -1) > block.index]
+        needed = self._needed(block)
         if needed:
             sess = session(_with_weights(block, weights))
             for i in range(self.cache.batches):
                 for name, x in zip(needed, sess.run(needed, self._feed(block, i))):
                     self.cache.put(name, i, x)
+            del sess
+        if needed and self.paired and block.index not in self.float_done:  # a block without weights
+            sess = session(block.model)
+            for i in range(self.cache.batches):
+                for name, x in zip(needed, sess.run(needed, self._float_feed(block, i))):
+                    self.cache.put(FLOAT + name, i, x)
             del sess
         del weights
         for key, b in self.block_of.items():
@@ -363,6 +406,8 @@ class BlockEngine:
         for name in block.inputs:
             if self.last_reader.get(name) == block.index and name != self.mask:
                 self.cache.drop(name)
+                if self.paired:
+                    self.cache.drop(self._float_name(name))
 
     def _finish(self, block: Block) -> None:
         """Block ``block`` is done: checkpoint it (with a work folder) and tell the log."""
