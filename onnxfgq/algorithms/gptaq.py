@@ -112,7 +112,6 @@ class GPTAQ(GPTQ):
         super().__init__(stats if stats is not None else PairedStats(), damp=damp, act_order=act_order,
                          clip=clip, refit=refit)
         self.alpha = alpha
-        self.chosen: list[float] = []  # the alpha of each solve (for the report)
 
     def held_out_alpha(self, w: np.ndarray) -> float:
         """The ``alpha`` in [0, 1] that best carries the correction fitted on one half of the batches to
@@ -133,11 +132,11 @@ class GPTAQ(GPTQ):
             den += float(np.sum(d * (h @ d)))
         return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0
 
-    def target(self, w: np.ndarray) -> np.ndarray:
-        """The weight GPTQ is asked to reproduce on ``X~``."""
+    def target(self, w: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """The weight GPTQ is asked to reproduce on ``X~``, and the alpha that made it (None: not moved)."""
         st = self.stats
         if self.alpha == 0 or getattr(st, "cross", None) is None or st.rows < st.k:
-            return w
+            return w, None
         key = ("gptaq", self.damp)
         if key not in st.cache:
             h, c = st.hessian(), st.cross_hessian()
@@ -145,11 +144,13 @@ class GPTAQ(GPTQ):
             st.cache[key] = asymmetric_correction(h, c, self.damp).astype(np.float32) if ok else None
         m = st.cache[key]
         if m is None:
-            return w
+            return w, None
         w = np.asarray(w, np.float32)
         alpha = self.held_out_alpha(w) if self.alpha is None else self.alpha
-        self.chosen.append(alpha)
-        return w + np.float32(alpha) * (m @ w)
+        return w + np.float32(alpha) * (m @ w), alpha
 
     def solve(self, w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
-        return super().solve(self.target(w), spec)
+        target, alpha = self.target(w)
+        q = super().solve(target, spec)
+        said = f"GPTAQ alpha {alpha:.2f}" if alpha is not None else "GPTAQ off (unpaired or too few rows)"
+        return QuantizedWeight(q.codes, q.qparams, "; ".join(x for x in (q.note, said) if x))

@@ -51,7 +51,8 @@ def test_paired_stats_accumulate_the_cross_gram():
 
 def test_target_is_the_least_squares_fit_of_the_float_output():
     x, xq, w = _perturbed(n=2000)
-    target = GPTAQ(_paired(x, xq), alpha=1.0, damp=1e-6).target(w)
+    target, alpha = GPTAQ(_paired(x, xq), alpha=1.0, damp=1e-6).target(w)
+    assert alpha == 1.0
     lstsq = np.linalg.lstsq(xq.astype(np.float64), x.astype(np.float64) @ w, rcond=None)[0]
     assert np.abs(target - lstsq).max() <= 1e-3 * np.abs(lstsq).max()
 
@@ -80,7 +81,7 @@ def test_held_out_alpha_is_cautious_with_few_rows_and_bold_with_many():
     a_few, a_many = few.held_out_alpha(w), many.held_out_alpha(w)
     assert 0.0 <= a_few < 0.5 < a_many <= 1.0, (a_few, a_many)
     x, xq, _ = _perturbed(rows_seed=1)  # and the chosen target does better than no correction on fresh rows
-    assert _error(x, xq, w, many.target(w)) < 0.5 * _error(x, xq, w, w)
+    assert _error(x, xq, w, many.target(w)[0]) < 0.5 * _error(x, xq, w, w)
 
 
 def test_unperturbed_inputs_or_alpha_zero_give_plain_gptq():
@@ -125,6 +126,7 @@ def test_blocks_engine_pairs_the_quantized_and_float_paths(tmp_path):
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 1e-4 * scale
     assert np.abs(plain - want).max() > 1e-2 * scale  # GPTAQ and plain GPTQ are told apart
+    assert all("GPTAQ alpha 1.00" in layer.detail for layer in res.report.layers), res.report.layers
 
 
 @pytest.mark.parametrize("kw", [dict(engine="whole"), dict(engine="blocks", algorithm=Algorithm.CLIP),
