@@ -233,6 +233,10 @@ class ActivationConfig:
     neighbours: bool = True  # also Add/Mul/Concat/pooling between quantized nodes
     cle: bool = True  # cross-layer equalisation of Conv -> [Relu] -> Conv pairs (exact in float)
     bias_correction: bool = True  # fold the expected output shift of weight rounding into the bias
+    # AdaRound: choose each int8 weight's rounding to minimise its layer's output error on calibration data
+    adaround: bool = False
+    # nodes the guard keeps out of 8 bits get 16-bit activations and int8 weights where the budget allows
+    wide_activations: bool = True
 
     def error_budget(self) -> tuple[str, float] | None:
         """(metric, threshold) of ``max_error``, or None when the guard is off."""

@@ -260,6 +260,13 @@ def _add_static_args(q: argparse.ArgumentParser) -> None:
                    help="static: no cross-layer equalisation of Conv -> [Relu] -> Conv pairs")
     g.add_argument("--no-bias-correction", action="store_true",
                    help="static: no correction of the bias for the expected shift of weight rounding")
+    g.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=_A.adaround,
+                   help="static: choose each int8 weight's rounding (up or down) to minimise its layer's output "
+                        f"error on the calibration data (AdaRound; default {'on' if _A.adaround else 'off'})")
+    g.add_argument("--wide-activations", action=argparse.BooleanOptionalAction, default=_A.wide_activations,
+                   help="static: nodes the accuracy guard keeps out of 8-bit activations get 16-bit ones "
+                        "(int8 weights, opset 21) where the budget allows, instead of float "
+                        f"(default {'on' if _A.wide_activations else 'off'})")
     for flags, kw in (
         (("--calibration",), dict(default=None, metavar="SRC|ranges.json",
                                   help="calibration data source, or a ranges.json from 'onnxfgq calibrate'")),
@@ -300,6 +307,8 @@ def activation_config_from_args(args: argparse.Namespace) -> ActivationConfig:
         max_error=str(max_error) if max_error is not None else _A.max_error,
         cle=not getattr(args, "no_cle", False),
         bias_correction=not getattr(args, "no_bias_correction", False),
+        adaround=given("adaround", _A.adaround),
+        wide_activations=given("wide_activations", _A.wide_activations),
     )
     act.validate()
     return act
