@@ -13,6 +13,8 @@ from onnxfgq.api import quantize
 from onnxfgq.config import Algorithm, ConfigError, QuantizeConfig, WeightConfig
 from tests.helpers import run
 from tests.unit.test_engine import SIZES, _deep_mlp, _forward
+from tests.unit.test_resume import _config as _resume_config
+from tests.unit.test_resume import llama  # noqa: F401  (the fixture)
 
 SPEC = QuantSpec(4, (32, 1), False)
 
@@ -146,3 +148,31 @@ def test_cli_flags_reach_the_config():
     assert (wc.gptaq, wc.gptaq_alpha) == (True, 0.3)
     default = config_from_args(build_parser().parse_args(["quantize", "m.onnx"])).weights
     assert (default.gptaq, default.gptaq_alpha) == (WeightConfig().gptaq, WeightConfig().gptaq_alpha)
+
+
+def test_interrupted_gptaq_run_resumes_to_the_same_bytes(llama, tmp_path, monkeypatch):
+    """The float path's cached tensors are part of the work folder: a resumed ``--gptaq`` run continues
+    from them and writes what an uninterrupted run writes."""
+    import onnxfgq.graph.io as gio
+    from onnxfgq.api import quantize_file
+
+    cfg = _resume_config(gptaq=True, calibration_samples=32, calibration_batch_size=8)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "run").mkdir()
+    reference = tmp_path / "ref" / "q.onnx"
+    res = quantize_file(llama, reference, cfg)
+    assert any("GPTAQ alpha" in layer.detail and "alpha 0.00" not in layer.detail for layer in res.layers), \
+        [layer.detail for layer in res.layers]
+
+    def interrupt(name: str) -> None:
+        if name == "block2":
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run" / "q.onnx"
+    with monkeypatch.context() as m:
+        m.setattr(gio, "pause_point", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_file(llama, out, cfg)
+    quantize_file(llama, out, cfg, resume=True)
+    for name in ("q.onnx", "q.onnx.data"):
+        assert (out.parent / name).read_bytes() == (reference.parent / name).read_bytes(), name
