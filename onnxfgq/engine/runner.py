@@ -65,9 +65,10 @@ def session(model: ir.Model):
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _with_outputs(block: Block, names: Sequence[str]) -> ir.Model:
-    """A copy of the block whose outputs also include ``names`` (tensors computed inside it)."""
-    copy = block.model.clone()
+def _with_outputs(block: Block, names: Sequence[str], weights: dict[str, np.ndarray] | None = None) -> ir.Model:
+    """A copy of the block whose outputs also include ``names`` (tensors computed inside it), with
+    ``weights`` in place of its own (``_with_weights``)."""
+    copy = _with_weights(block, weights) if weights else block.model.clone()
     values = {v.name: v for node in copy.graph for v in node.outputs}
     have = {v.name for v in copy.graph.outputs}
     for name in names:
@@ -92,6 +93,33 @@ def _with_weights(block: Block, weights: dict[str, np.ndarray]) -> ir.Model:
         copy.graph.register_initializer(value)
         node.replace_input_with(1, value)
     return copy
+
+
+def _upstream_of_weights(block: Block, names: Sequence[str], weight_outputs: set[str]) -> set[str]:
+    """The tensors of ``names`` that no node in ``weight_outputs`` (the block's weighted nodes) feeds,
+    directly or through other nodes of the block."""
+    producer = {v.name: node for node in block.model.graph for v in node.outputs}
+    fed: dict[str, bool] = {}
+
+    def downstream(name: str) -> bool:  # iterative: blocks can be deep
+        stack = [name]
+        while stack:
+            n = stack[-1]
+            node = producer.get(n)
+            if n in fed or node is None:
+                fed.setdefault(n, False)
+                stack.pop()
+                continue
+            ins = [v.name for v in node.inputs if v is not None and v.name]
+            todo = [i for i in ins if i not in fed]
+            if todo:
+                stack.extend(todo)
+                continue
+            fed[n] = any(o.name in weight_outputs for o in node.outputs) or any(fed[i] for i in ins)
+            stack.pop()
+        return fed[name]
+
+    return {n for n in names if not downstream(n)}
 
 
 def run_chain(chain: Chain, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -313,15 +341,33 @@ class BlockEngine:
     # -- steps
     def _collect(self, plan, block: Block) -> None:
         """Statistics of the inputs of every weight in ``block``, from its cached inputs; then every
-        weight of the block solved on the executor."""
+        weight of the block solved on the executor. With ``--gptaq`` in two stages: the weights that
+        read the block's inputs first, then the others observed with those already quantized (GPTQ's
+        true-sequential order inside a block), so their target covers the first ones' error too."""
         keys = [key for key in self.order if self.block_of[key] == block.index]
         if not keys:
             return
-        names = list(dict.fromkeys(self.targets[key][0].node.inputs[0].name for key in keys))
+        reads = {key: self.targets[key][0].node.inputs[0].name for key in keys}
+        names = list(dict.fromkeys(reads.values()))
+        stages = [names]
+        if self.paired:
+            first = _upstream_of_weights(block, names, {self.targets[key][0].node.outputs[0].name for key in keys})
+            stages = [s for s in ([n for n in names if n in first], [n for n in names if n not in first]) if s]
+        stats: dict[str, ActivationStats] = {}
+        for stage in stages:
+            solved = {key: plan.effective(self.targets[key][0], self.ready[key]) for key in keys if key in self.ready}
+            stats.update(self._statistics(block, stage, self._node_weights(solved)))
+            self._solve(plan, block, [key for key in keys if reads[key] in stage], stats)
+        plan.calibration_rows = max(plan.calibration_rows, round(max(s.rows for s in stats.values())))
+
+    def _statistics(self, block: Block, names: list[str], weights: dict[str, np.ndarray]) -> dict:
+        """``names``' statistics over the cached batches, the block's weights replaced by ``weights``;
+        with ``--gptaq`` paired with the float path (whose outputs are cached on the first call)."""
         inner = [n for n in names if n not in block.inputs]  # the rest are read from the cache
-        sess = session(_with_outputs(block, inner)) if inner else None
+        sess = session(_with_outputs(block, inner, weights)) if inner else None
         # the float path: the block as it is on the float inputs, its outputs cached for later blocks
-        fnames = list(dict.fromkeys(inner + self._needed(block))) if self.paired else []
+        outs = self._needed(block) if block.index not in self.float_done else []
+        fnames = list(dict.fromkeys(inner + outs)) if self.paired else []
         fsess = session(_with_outputs(block, fnames)) if fnames else None
         stats = {n: PairedStats() if self.paired else ActivationStats() for n in names}
         label = self._label(block, "statistics")
@@ -333,7 +379,7 @@ class BlockEngine:
             if self.paired:
                 ffeed = self._float_feed(block, i)
                 fvalues = {**ffeed, **dict(zip(fnames, fsess.run(fnames, ffeed)))} if fsess else ffeed
-                for name in self._needed(block):
+                for name in outs:
                     self.cache.put(FLOAT + name, i, fvalues[name])
             for name in names:
                 x = values[name] if name in values else feed[name]
@@ -341,6 +387,10 @@ class BlockEngine:
         del sess, fsess
         if self.paired:
             self.float_done.add(block.index)
+        return stats
+
+    def _solve(self, plan, block: Block, keys: list[tuple], stats: dict[str, ActivationStats]) -> None:
+        """``keys``' weights solved on the executor (grouped by the input they read) into ``ready``."""
         groups: dict[str, list[tuple]] = {}
         for key in keys:
             p = plan.weights[key]
@@ -348,7 +398,6 @@ class BlockEngine:
             p.stats = stats[name]
             p.solver = None  # solved here, on the executor
             groups.setdefault(name, []).append(key)
-        plan.calibration_rows = max(plan.calibration_rows, round(max(s.rows for s in stats.values())))
         jobs, order = [], []
         for name, ks in groups.items():
             items = []
@@ -367,21 +416,24 @@ class BlockEngine:
         for group in self.progress(self.executor.map(self.wc, jobs), len(jobs), label):
             for qw in group:
                 self.ready[next(results)] = qw
-        for st in stats.values():  # GPTQ's factorisations: done with (the statistics stay for the report)
-            st.cache.clear()
+        for name in groups:  # GPTQ's factorisations: done with (the statistics stay for the report)
+            stats[name].cache.clear()
+
+    def _node_weights(self, effective: dict[tuple, np.ndarray]) -> dict[str, np.ndarray]:
+        """``_with_weights``' argument: each weight key's float weight, as its nodes see it."""
+        weights = {}
+        for key, w in effective.items():
+            for t in self.targets[key]:
+                wn = w.astype(_node_dtype(t))
+                weights[t.node.outputs[0].name] = np.ascontiguousarray(wn.T if t.transposed else wn)
+        return weights
 
     def _advance(self, block: Block) -> None:
         """Run ``block`` with its weights as quantized; its outputs go to the cache for later blocks.
         Statistics and effective weights of the block are dropped; the block is checkpointed."""
         if block.index <= self.finished:
             return
-        weights = {}
-        for key, b in self.block_of.items():
-            if b != block.index or key not in self.effective:
-                continue
-            for t in self.targets[key]:
-                w = self.effective[key].astype(_node_dtype(t))
-                weights[t.node.outputs[0].name] = np.ascontiguousarray(w.T if t.transposed else w)
+        weights = self._node_weights({key: w for key, w in self.effective.items() if self.block_of[key] == block.index})
         needed = self._needed(block)
         if needed:
             sess = session(_with_weights(block, weights))

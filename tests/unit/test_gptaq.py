@@ -176,3 +176,74 @@ def test_interrupted_gptaq_run_resumes_to_the_same_bytes(llama, tmp_path, monkey
     quantize_file(llama, out, cfg, resume=True)
     for name in ("q.onnx", "q.onnx.data"):
         assert (out.parent / name).read_bytes() == (reference.parent / name).read_bytes(), name
+
+
+def _residual_mlp(seed: int = 0):
+    """Two residual layers ``y = x + relu(x W1) W2``. The engine cuts it into 3 blocks (W1 | W2 | the
+    second layer): the last holds two weights, the second reading a tensor the first one computes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    shapes = [(64, 96), (96, 64), (64, 96), (96, 64)]
+    ws = [(rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for s in shapes]
+    nodes = []
+    x = "x"
+    for b in range(2):
+        w1, w2 = f"w{2 * b}", f"w{2 * b + 1}"
+        nodes += [helper.make_node("MatMul", [x, w1], [f"h{b}"]), helper.make_node("Relu", [f"h{b}"], [f"r{b}"]),
+                  helper.make_node("MatMul", [f"r{b}", w2], [f"o{b}"]),
+                  helper.make_node("Add", [x, f"o{b}"], ["y" if b else "y0"])]
+        x = "y0"
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+                              [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ws
+
+
+def _residual_reference(ws, batches, *, sequential: bool):
+    """numpy GPTAQ (alpha 1) block by block; inside the last block the second weight is observed with
+    the first one quantized (``sequential``) or float (the first layer's two weights are two blocks)."""
+    def solve(xq, xf, w):
+        st = PairedStats()
+        for a, b in zip(xq, xf):
+            st.update_pair(a, b)
+        return GPTAQ(st, alpha=1.0).solve(w, SPEC).dequantize()
+
+    quant, flt, out = batches, batches, []
+    for b in range(2):
+        w1, w2 = ws[2 * b], ws[2 * b + 1]
+        q1 = solve(quant, flt, w1)
+        inner_q = [np.maximum(a @ (q1 if sequential or b == 0 else w1), 0) for a in quant]
+        inner_f = [np.maximum(a @ w1, 0) for a in flt]
+        q2 = solve(inner_q, inner_f, w2)
+        out += [q1, q2]
+        quant = [a + np.maximum(a @ q1, 0) @ q2 for a in quant]
+        flt = [a + np.maximum(a @ w1, 0) @ w2 for a in flt]
+    return out
+
+
+def _residual_forward(ws, x):
+    for b in range(2):
+        x = x + np.maximum(x @ ws[2 * b], 0) @ ws[2 * b + 1]
+    return x
+
+
+def test_gptaq_solves_a_block_in_stages_the_later_weights_seeing_the_earlier_quantized(tmp_path):
+    model, ws = _residual_mlp()
+    rng = np.random.default_rng(2)
+    batches = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(4)]
+    data = tmp_path / "calib"
+    data.mkdir()
+    for i, x in enumerate(batches):
+        np.savez(data / f"{i}.npz", x=x)
+    wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration=str(data), calibration_samples=256,
+                      calibration_batch_size=64, engine="blocks", gptaq=True, gptaq_alpha=1.0)
+    res = quantize(model, QuantizeConfig(weights=wc))
+    assert any("3 blocks" in n for n in res.report.notes), res.report.notes
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    got = run(ir.to_proto(res.model), {"x": x})[0]
+    want = _residual_forward(_residual_reference(ws, batches, sequential=True), x)
+    one_pass = _residual_forward(_residual_reference(ws, batches, sequential=False), x)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-4 * scale
+    assert np.abs(one_pass - want).max() > 1e-3 * scale  # the two orders are told apart
