@@ -42,10 +42,9 @@ ROWS: dict[str, list[str]] = {
     "all-adaptive-4.6": ["--algo", ALL, "--granularity", "adaptive", "--target-bits", "4.6"],
     # block by block, plain GPTQ and asymmetric calibration (GPTAQ, --gptaq; AWQ needs --engine whole)
     "blocks-g128": ["--algo", "gptq+clip", "--engine", "blocks"],
-    "gptaq-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--gptaq", "--gptaq-alpha", "0.25"],
+    "gptaq-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--gptaq"],
     "blocks-3bit-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--bits", "3", "--format", "custom"],
-    "gptaq-3bit-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--gptaq", "--gptaq-alpha", "0.25",
-                        "--bits", "3", "--format", "custom"],
+    "gptaq-3bit-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--gptaq", "--bits", "3", "--format", "custom"],
 }
 
 
