@@ -105,7 +105,8 @@ def asymmetric_correction(h: np.ndarray, cross: np.ndarray, damp: float) -> np.n
 class GPTAQ(GPTQ):
     """GPTQ on the asymmetric target ``W + alpha * M W`` (module docstring). Falls back to plain GPTQ
     when the statistics are not paired or are unusable (non-finite, fewer rows than inputs: the
-    least-squares correction would fit noise)."""
+    least-squares correction would fit noise). The held-out alpha is chosen per ``solve`` call, so a
+    weight solved in column chunks (``ColumnChunks``, N > 4096) gets one alpha per chunk."""
 
     def __init__(self, stats: PairedStats | None = None, *, alpha: float | None = None, damp: float = 0.01,
                  act_order: bool = True, clip: bool = False, refit: bool = True):
