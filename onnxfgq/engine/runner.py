@@ -15,7 +15,8 @@ The calibration feeds are written to a cache folder once. Then, block after bloc
 With ``--gptaq`` (asymmetric calibration) the float model's path is kept beside it: each block also
 runs with its float weights on the float path's cached inputs (``FLOAT``-prefixed cache entries), and
 each weight's statistics pair the quantized path's inputs with the float path's (``PairedStats``), so
-GPTQ can aim at the float model's output.
+GPTQ can aim at the float model's output. A block's weights are then solved in stages: those that no
+other weight of the block feeds first, the rest observed with them quantized (``_collect``).
 
 ``plan_blockwise`` returns a ``calibrated.Plan`` whose ``engine`` hook does steps 1 and 3.
 """
