@@ -30,6 +30,7 @@ from onnxfgq.algorithms.adaptive import (
 from onnxfgq.algorithms.awq import search_scale
 from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
 from onnxfgq.algorithms.clip import ClipSearch
+from onnxfgq.algorithms.gptaq import GPTAQ, PairedStats
 from onnxfgq.algorithms.gptq import GPTQ
 from onnxfgq.algorithms.mixed import allocate
 from onnxfgq.algorithms.rtn import RTN
@@ -269,6 +270,9 @@ def _choices(w: np.ndarray, wc: WeightConfig, fmt: OutputFormat, stats: Activati
 
 def _solver(wc: WeightConfig, stats: ActivationStats | None):
     parts = wc.algorithm.parts
+    if "gptq" in parts and wc.gptaq and isinstance(stats, PairedStats):  # --engine blocks pairs them
+        return GPTAQ(stats, alpha=wc.gptaq_alpha, damp=wc.gptq_damp, act_order=wc.gptq_act_order,
+                     clip="clip" in parts)
     if "gptq" in parts:
         return GPTQ(stats, damp=wc.gptq_damp, act_order=wc.gptq_act_order, clip="clip" in parts)
     if "clip" in parts:

@@ -93,6 +93,8 @@ class WeightConfig:
     gptq_damp: float = 0.01  # fraction of mean(diag H) added to the Hessian's diagonal
     gptq_act_order: bool = True  # salient rows first, static groups (plain per-group output)
     gptq_sequential: bool = False  # re-collect later inputs from the partly quantized model (slower)
+    gptaq: bool = False  # --engine blocks: aim GPTQ at the float model's output (asymmetric calibration)
+    gptaq_alpha: float | None = None  # how far (0..1) towards that target; None = per layer, on held-out rows
     engine: str = "whole"  # calibration runs: "whole" model at once, or "blocks" (onnxfgq/engine)
     executor: str = "threads"  # --engine blocks: where a block's solves run ("threads" or "ray"; same output)
     max_error: float = 0.01  # adaptive: per-layer relative error budget (output error with calibration)
@@ -128,6 +130,11 @@ class WeightConfig:
             raise ConfigError("--target-bits", f"must be in (1, 16], got {self.target_bits}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise ConfigError("--gptq-damp", f"must be in (0, 1), got {self.gptq_damp}")
+        if self.gptaq_alpha is not None and not 0.0 <= self.gptaq_alpha <= 1.0:
+            raise ConfigError("--gptaq-alpha", f"must be in [0, 1], got {self.gptaq_alpha}")
+        if self.gptaq and ("gptq" not in self.algorithm.parts or self.engine != "blocks"):
+            raise ConfigError("--gptaq", "asymmetric calibration needs a GPTQ algorithm and --engine blocks "
+                                         "(the float model's inputs are kept beside the quantized blocks' there)")
         if self.engine not in ENGINES:
             raise ConfigError("--engine", f"choose one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.executor not in EXECUTORS:
@@ -226,6 +233,12 @@ class ActivationConfig:
     neighbours: bool = True  # also Add/Mul/Concat/pooling between quantized nodes
     cle: bool = True  # cross-layer equalisation of Conv -> [Relu] -> Conv pairs (exact in float)
     bias_correction: bool = True  # fold the expected output shift of weight rounding into the bias
+    # AdaRound: choose each int8 weight's rounding to minimise its layer's output error on calibration data
+    adaround: bool = False
+    # nodes the guard keeps out of 8 bits get 16-bit activations and int8 weights where the budget allows:
+    # smaller, but off by default since onnxruntime runs them (and their neighbours) in float, slower than
+    # the float model where many go 16-bit (PP-OCRv5 det: 0.65x, docs/BENCHMARKS.md)
+    wide_activations: bool = False
 
     def error_budget(self) -> tuple[str, float] | None:
         """(metric, threshold) of ``max_error``, or None when the guard is off."""

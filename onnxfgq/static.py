@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,15 +39,18 @@ from onnxfgq.graph.equalize import depthwise_pairs, equalize, equalize_activatio
 from onnxfgq.graph.fold import fold_batchnorms
 from onnxfgq.graph.qdq_static import Plan, TensorQuant, Unit, WeightQuant, insert_qdq, plan_static
 from onnxfgq.quant import QParams, dequantize, qrange, quantize, sqnr_db
-from onnxfgq.quant.static import activation_qparams, quantize_bias
+from onnxfgq.quant.static import activation_qparams, per_channel_scale, quantize_bias
 from onnxfgq.report import LayerReport, Report
 
 Progress = Callable[[Iterable, int, str], Iterable]
 ReaderFactory = Callable[[], CalibrationDataReader]
 STATIC_OPSET = 13  # per-channel DequantizeLinear
 FLOAT16_OPSET = 19  # QuantizeLinear/DequantizeLinear with float16 inputs and scales
+WIDE_OPSET = 21  # QuantizeLinear/DequantizeLinear with uint16/int16
 RANGES_FORMAT = "onnxfgq-ranges/1"
-MEASURED_UNITS = 64  # the guard measures each unit's sensitivity up to this many units, else estimates it
+# The guard measures each unit's sensitivity up to this many units, else estimates it. PP-OCRv5 det (74
+# units): measured, 36 of 62 Conv in int8 in 109 s; estimated, 3 of 62 in 19 s (docs/BENCHMARKS.md).
+MEASURED_UNITS = 128
 OUTLIER_RATIO = 1e3  # a tensor whose extremes exceed its calibrated range this much is outlier-dominated
 
 
@@ -201,19 +204,17 @@ class _CountingReader:
         return feed
 
 
-def _weight_quant(unit: Unit, x_scale: float | None,
-                  mean_x: list[float] | None = None) -> tuple[WeightQuant, float]:
+def _weight_quant(unit: Unit, x_scale: float | None, mean_x: list[float] | None = None,
+                  codes: np.ndarray | None = None) -> tuple[WeightQuant, float]:
     """Per-channel symmetric int8 weight in [-127, 127] (no int16 saturation in u8s8 kernels), int32 bias;
-    with ``mean_x`` (the input's per-channel mean) the bias is corrected for the weight's rounding."""
+    with ``mean_x`` (the input's per-channel mean) the bias is corrected for the weight's rounding.
+    ``codes`` (from the rounding pass, same scales) replace round-to-nearest."""
     w = unit.weight().astype(np.float32)
     axis = unit.weight_axis
     block = tuple(1 if i == axis else d for i, d in enumerate(w.shape))
-    from onnxfgq.quant.blocks import block_reduce
-
-    absmax = block_reduce(np.abs(w), block, np.max)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    scale = per_channel_scale(w, axis)
     qp = QParams(scale, np.zeros(scale.shape, np.int32), block, qrange(8, True))
-    codes = quantize(w, qp)
+    codes = quantize(w, qp) if codes is None else codes.astype(np.int32)
     wq_sqnr = sqnr_db(w, dequantize(codes, qp))
     per_channel = scale.reshape(-1)
     bias = unit.bias()
@@ -243,25 +244,32 @@ def _corrected_bias(unit: Unit, w: np.ndarray, w_q: np.ndarray, bias: np.ndarray
     return bias
 
 
-def _tensor_quant(lo: float, hi: float, config: ActivationConfig) -> TensorQuant:
+def _tensor_quant(lo: float, hi: float, config: ActivationConfig, bits: int = 8) -> TensorQuant:
     signed = config.dtype is ActivationType.INT8
-    qp = activation_qparams(lo, hi, signed=signed, symmetric=config.symmetric)
-    return TensorQuant(float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]),
-                       ir.DataType.INT8 if signed else ir.DataType.UINT8)
+    qp = activation_qparams(lo, hi, signed=signed, symmetric=config.symmetric, bits=bits)
+    types = {(8, True): ir.DataType.INT8, (8, False): ir.DataType.UINT8,
+             (16, True): ir.DataType.INT16, (16, False): ir.DataType.UINT16}
+    return TensorQuant(float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]), types[bits, signed])
 
 
-def build(prepared: ir.Model, names: set[str], ranges: Ranges, config: ActivationConfig) -> ir.Model:
-    """A copy of ``prepared`` with the units named ``names`` quantized."""
+def build(prepared: ir.Model, names: set[str], ranges: Ranges, config: ActivationConfig,
+          rounding: dict[str, np.ndarray] | None = None, wide: Collection[str] = ()) -> ir.Model:
+    """A copy of ``prepared`` with the units named ``names`` quantized: int8 weights (``rounding``'s codes
+    where given), 8-bit activations, 16-bit ones on every tensor of the units in ``wide`` (a subset of
+    ``names``; needs opset 21: see :data:`WIDE_OPSET`)."""
     model = prepared.clone()  # shares the tensors (bound to their folder); insert_qdq edits the graph only
     plan = plan_static(model.graph, config.op_types, _neighbour_ops(config))
     units = [u for u in plan.active if u.name in names]
-    tensors = {t: _tensor_quant(*ranges.ranges[t], config) for u in units for t in u.tensors}
+    wide_tensors = {t for u in units if u.name in wide for t in u.tensors}
+    # 16 bits need no clipping: the exact extremes (minmax), not the 8-bit observer's clipped range.
+    tensors = {t: _tensor_quant(*ranges.minmax.get(t, ranges.ranges[t]), config, 16) if t in wide_tensors
+               else _tensor_quant(*ranges.ranges[t], config) for u in units for t in u.tensors}
     weights = {}
     for u in units:
         if u.weight_index is not None:
             x = tensors.get(u.inputs[0]) if u.inputs else None
             mean = ranges.means.get(u.inputs[0]) if config.bias_correction and u.inputs else None
-            weights[u.name] = _weight_quant(u, x.scale if x else None, mean)[0]
+            weights[u.name] = _weight_quant(u, x.scale if x else None, mean, (rounding or {}).get(u.name))[0]
     insert_qdq(model, units, tensors, weights)
     passes.remove_unused(model)
     return model
@@ -367,24 +375,44 @@ def quantize_static(model: ir.Model, config: QuantizeConfig, *, data: ReaderFact
                             f"({ranges.observer} observer){'; ' + feeds if feeds else ''}")
     reasons = _range_problems(plan, ranges)
     chosen = {u.name for u in plan.active if u.name not in reasons}
+    rounding: dict[str, np.ndarray] = {}
+    if act.adaround and data is None:
+        report.notes.append("adaround skipped: no calibration data (ranges only)")
+    elif act.adaround:
+        from onnxfgq.static_adaround import optimise_rounding
+
+        rounding, ada_notes = optimise_rounding(prepared, [u for u in plan.active if u.name in chosen], data(),
+                                                progress=progress)
+        report.notes += ada_notes
+
+    def make(names: set[str], wide: Collection[str] = ()) -> ir.Model:
+        return build(prepared, names, ranges, act, rounding, wide)
+
+    def widen() -> None:  # 16-bit Q/DQ are standard from opset 21; exact for the float graph
+        note = passes.upgrade_opset(prepared, WIDE_OPSET)
+        if note:
+            report.notes.append(note + " (16-bit activations)")
+
     guard_reasons: dict[str, str] = {}
+    wide: set[str] = set()
     budget = act.error_budget()
-    qmodel = build(prepared, chosen, ranges, act)
     if budget is not None and data is not None:
         batches = _take_samples(data(), act.guard_samples)
         guard = Guard(prepared, batches, *budget)
-        chosen, guard_reasons, metrics = _guard(prepared, plan, chosen, ranges, act, guard, progress)
-        qmodel = build(prepared, chosen, ranges, act)
+        chosen, wide, guard_reasons, metrics = _guard(plan, chosen, ranges, guard, progress, make,
+                                                      widen if act.wide_activations else None)
+        kept = len(guard_reasons) - len(wide)
         report.notes.append(
             f"accuracy guard: {budget[0]} {guard.value(metrics):.4f} vs FP32 on {_samples(batches)} calibration "
-            f"samples (budget {budget[0]} >= {budget[1]}); {len(guard_reasons)} node(s) kept float; "
-            f"{guard.evaluations} evaluations")
+            f"samples (budget {budget[0]} >= {budget[1]}); {len(wide)} node(s) given 16-bit activations, "
+            f"{kept} kept float; {guard.evaluations} evaluations")
         if not guard.ok(metrics):
             report.notes.append("accuracy guard: the budget could not be met even with every sensitive node in float")
     elif budget is not None:
         report.notes.append("accuracy guard skipped: no calibration data (ranges only)")
+    qmodel = make(chosen, wide)
     reasons.update(guard_reasons)
-    report.layers = _layers(plan, chosen, reasons, ranges, act)
+    report.layers = _layers(plan, chosen, reasons, ranges, act, wide)
     report.seconds = time.perf_counter() - started
     return qmodel, report
 
@@ -427,11 +455,14 @@ def _proxy_noise(plan: Plan, names: set[str], ranges: Ranges) -> dict[str, float
     return noise
 
 
-def _guard(prepared: ir.Model, plan: Plan, chosen: set[str], ranges: Ranges, act: ActivationConfig,
-           guard: Guard, progress: Progress) -> tuple[set[str], dict[str, str], dict[str, float]]:
-    metrics = guard.measure(build(prepared, chosen, ranges, act))
+def _guard(plan: Plan, chosen: set[str], ranges: Ranges, guard: Guard, progress: Progress,
+           make: Callable[..., ir.Model], widen: Callable[[], None] | None
+           ) -> tuple[set[str], set[str], dict[str, str], dict[str, float]]:
+    """(quantized units, those of them with 16-bit activations, reasons, metrics): the fewest most sensitive
+    units out of 8-bit activations, then (``widen`` given) the fewest of those kept float."""
+    metrics = guard.measure(make(chosen))
     if guard.ok(metrics) or not chosen:
-        return chosen, {}, metrics
+        return chosen, set(), {}, metrics
     # Measured sensitivity (the error each unit causes when it alone is quantized) while that takes few
     # evaluations; beyond, the estimate from calibration statistics (which misses how much the rest of
     # the network amplifies a tensor's noise: PP-OCR rec's first conv output, 44 dB, costs the most).
@@ -440,35 +471,57 @@ def _guard(prepared: ir.Model, plan: Plan, chosen: set[str], ranges: Ranges, act
     if cost is None:
         what = {"cosine": "1 - cosine", "top1": "1 - top-1 agreement"}.get(guard.metric, "noise/signal") \
             + " quantized alone"
-        cost = {n: guard.deficit(guard.measure(build(prepared, {n}, ranges, act)))
+        cost = {n: guard.deficit(guard.measure(make({n})))
                 for n in progress(sorted(chosen), len(chosen), "sensitivity")}
     order = sorted(sorted(chosen), key=lambda n: -cost[n])  # ties in name order: the same run, the same bytes
-    # Bisection on how many of the most sensitive units stay float (all float trivially meets the budget).
-    lo, hi, best = 0, len(order), None
+    # First as many units as possible with 8-bit activations (all float trivially meets the budget) ...
+    k, m = _fewest(lambda i: guard.measure(make(set(order[i:]))), len(order), guard)
+    # ... then as few of the k kept float as possible: the rest get 16-bit activations (int8 weights: the
+    # size), the least sensitive first. 16 bits cost the neighbours' int8 kernels too (onnxruntime has
+    # no 16-bit QLinearConv), so they never replace an 8-bit unit.
+    j = k
+    if widen is not None and k:
+        widen()
+        j, m16 = _fewest(lambda i: guard.measure(make(set(order[i:]), order[i:k])), k, guard, check_zero=True)
+        m = m16 if j < k else m
+    reasons = {n: f"kept float by the accuracy guard: among the {k} most sensitive ({what} {cost[n]:.2e})"
+               for n in order[:j]}
+    reasons.update({n: f"16-bit activations by the accuracy guard: among the {k} most sensitive, not among the "
+                       f"{j} kept float ({what} {cost[n]:.2e})" for n in order[j:k]})
+    return set(order[j:]), set(order[j:k]), reasons, m
+
+
+def _fewest(measure: Callable[[int], dict[str, float]], n: int, guard: Guard,
+            check_zero: bool = False) -> tuple[int, dict[str, float]]:
+    """Bisection for the smallest ``i`` in 0..n whose ``measure(i)`` meets the budget, ``measure`` being
+    monotone and ``i = n`` meeting it; ``i = 0`` is tried only with ``check_zero`` (else known to miss)."""
+    if check_zero:
+        m = measure(0)
+        if guard.ok(m):
+            return 0, m
+    lo, hi, best = 0, n, None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        m = guard.measure(build(prepared, set(order[mid:]), ranges, act))
+        m = measure(mid)
         if guard.ok(m):
             hi, best = mid, m
         else:
             lo = mid
-    if best is None:
-        best = guard.measure(build(prepared, set(order[hi:]), ranges, act))
-    reasons = {n: f"kept float by the accuracy guard: among the {hi} most sensitive ({what} {cost[n]:.2e})"
-               for n in order[:hi]}
-    return set(order[hi:]), reasons, best
+    return hi, best if best is not None else measure(hi)
 
 
 def _layers(plan: Plan, chosen: set[str], reasons: dict[str, str], ranges: Ranges,
-            act: ActivationConfig) -> list[LayerReport]:
+            act: ActivationConfig, wide: Collection[str] = ()) -> list[LayerReport]:
     layers = []
     for u in plan.units:
         w = u.weight() if u.weight_index is not None and u.skip_reason is None else None
         shape = tuple(int(d) for d in w.shape) if w is not None else ()
         if u.name in chosen:
+            fmt = f"qdq {act.dtype.value}" if u.name not in wide else \
+                f"qdq {'int16' if act.dtype is ActivationType.INT8 else 'uint16'} activations"
             layer = LayerReport(u.name, u.node.op_type, shape, "quantized", bits=8,
-                                block="channel" if w is not None else "", format=f"qdq {act.dtype.value}",
-                                algorithm=ranges.observer)
+                                block="channel" if w is not None else "", format=fmt,
+                                algorithm=ranges.observer, reason=reasons.get(u.name, ""))
             if w is not None:
                 layer.sqnr_db = _weight_quant(u, None)[1]
         else:

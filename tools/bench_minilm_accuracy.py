@@ -40,6 +40,11 @@ ROWS: dict[str, list[str]] = {
     "all-g64": ["--algo", ALL, "--block-size", "64"],
     "all-adaptive-4.288": ["--algo", ALL, "--granularity", "adaptive", "--target-bits", "4.288"],
     "all-adaptive-4.6": ["--algo", ALL, "--granularity", "adaptive", "--target-bits", "4.6"],
+    # block by block, plain GPTQ and asymmetric calibration (GPTAQ, --gptaq; AWQ needs --engine whole)
+    "blocks-g128": ["--algo", "gptq+clip", "--engine", "blocks"],
+    "gptaq-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--gptaq"],
+    "blocks-3bit-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--bits", "3", "--format", "custom"],
+    "gptaq-3bit-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--gptaq", "--bits", "3", "--format", "custom"],
 }
 
 

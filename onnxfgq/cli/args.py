@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", dest="sequential", action="store_true", default=_W.gptq_sequential,
                    help="GPTQ: re-collect later layers' inputs from the partly quantized model (one calibration "
                         "pass per few layers) instead of taking every input from the float model")
+    c.add_argument("--gptaq", action="store_true", default=_W.gptaq,
+                   help="--engine blocks, GPTQ: asymmetric calibration (GPTAQ): fit each layer, on the inputs the "
+                        "quantized blocks before it produce, to the float model's output")
+    c.add_argument("--gptaq-alpha", type=float, default=_W.gptaq_alpha, metavar="ALPHA",
+                   help="--gptaq: how far towards the float model's output, 0 (plain GPTQ) .. 1 (the full "
+                        "least-squares target); default: chosen per layer on held-out calibration batches")
     c.add_argument("--engine", choices=["whole", "blocks"], default=_W.engine,
                    help="calibration: run the whole model at once, or block by block (the graph cut at its "
                         "residual stream; each block calibrated on the quantized blocks' outputs, memory "
@@ -221,8 +227,8 @@ def _calibrated_args(args: argparse.Namespace) -> dict:
         out["calibration"] = args.calibration
     for name, field_ in (("calib_samples", "calibration_samples"), ("calib_batch_size", "calibration_batch_size"),
                          ("gptq_damp", "gptq_damp"), ("act_order", "gptq_act_order"), ("sequential", "gptq_sequential"),
-                         ("target_bits", "target_bits"), ("engine", "engine"),
-                         ("executor", "executor")):
+                         ("gptaq", "gptaq"), ("gptaq_alpha", "gptaq_alpha"), ("target_bits", "target_bits"),
+                         ("engine", "engine"), ("executor", "executor")):
         if getattr(args, name, None) is not None:
             out[field_] = getattr(args, name)
     if getattr(args, "max_error", None) is not None and args.granularity == Granularity.ADAPTIVE.value:
@@ -254,6 +260,13 @@ def _add_static_args(q: argparse.ArgumentParser) -> None:
                    help="static: no cross-layer equalisation of Conv -> [Relu] -> Conv pairs")
     g.add_argument("--no-bias-correction", action="store_true",
                    help="static: no correction of the bias for the expected shift of weight rounding")
+    g.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=_A.adaround,
+                   help="static: choose each int8 weight's rounding (up or down) to minimise its layer's output "
+                        f"error on the calibration data (AdaRound; default {'on' if _A.adaround else 'off'})")
+    g.add_argument("--wide-activations", action=argparse.BooleanOptionalAction, default=_A.wide_activations,
+                   help="static: nodes the accuracy guard keeps out of 8-bit activations get 16-bit ones "
+                        "(int8 weights, opset 21) where the budget allows, instead of float "
+                        f"(default {'on' if _A.wide_activations else 'off'})")
     for flags, kw in (
         (("--calibration",), dict(default=None, metavar="SRC|ranges.json",
                                   help="calibration data source, or a ranges.json from 'onnxfgq calibrate'")),
@@ -294,6 +307,8 @@ def activation_config_from_args(args: argparse.Namespace) -> ActivationConfig:
         max_error=str(max_error) if max_error is not None else _A.max_error,
         cle=not getattr(args, "no_cle", False),
         bias_correction=not getattr(args, "no_bias_correction", False),
+        adaround=given("adaround", _A.adaround),
+        wide_activations=given("wide_activations", _A.wide_activations),
     )
     act.validate()
     return act

@@ -12,6 +12,12 @@ The calibration feeds are written to a cache folder once. Then, block after bloc
    sequential mode), and nothing but one block's session, statistics and one batch of activations is
    in memory at a time.
 
+With ``--gptaq`` (asymmetric calibration) the float model's path is kept beside it: each block also
+runs with its float weights on the float path's cached inputs (``FLOAT``-prefixed cache entries), and
+each weight's statistics pair the quantized path's inputs with the float path's (``PairedStats``), so
+GPTQ can aim at the float model's output. A block's weights are then solved in stages: those that no
+other weight of the block feeds first, the rest observed with them quantized (``_collect``).
+
 ``plan_blockwise`` returns a ``calibrated.Plan`` whose ``engine`` hook does steps 1 and 3.
 """
 
@@ -30,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
+from onnxfgq.algorithms.gptaq import PairedStats
 from onnxfgq.algorithms.stats import ActivationStats, output_error
 from onnxfgq.config import WeightConfig
 from onnxfgq.engine.blocks import Block, Chain, partition
@@ -38,6 +45,7 @@ from onnxfgq.graph.targets import Target
 
 Progress = Callable[[Iterable, int, str], Iterable]
 SOLVE_COLUMNS = 1024  # output columns solved at once (ColumnChunks), in parallel
+FLOAT = "onnxfgq_float::"  # cache prefix of the float path's tensors (--gptaq)
 
 
 # ---------------------------------------------------------------------------------------- sessions
@@ -61,9 +69,11 @@ def session(model: ir.Model):
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _with_outputs(block: Block, names: Sequence[str]) -> ir.Model:
-    """A copy of the block whose outputs also include ``names`` (tensors computed inside it)."""
-    copy = block.model.clone()
+def _with_outputs(block: Block, names: Sequence[str], weights: dict[str, np.ndarray] | None = None
+                  ) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """A copy of the block whose outputs also include ``names`` (tensors computed inside it), with
+    ``weights`` in place of its own (``_with_weights``), and the feed that gives those weights."""
+    copy, feed = _with_weights(block, weights) if weights else (block.model.clone(), {})
     values = {v.name: v for node in copy.graph for v in node.outputs}
     have = {v.name for v in copy.graph.outputs}
     for name in names:
@@ -72,7 +82,7 @@ def _with_outputs(block: Block, names: Sequence[str]) -> ir.Model:
             if v.type is None:
                 v.type = ir.TensorType(ir.DataType.FLOAT)
             copy.graph.outputs.append(v)
-    return copy
+    return copy, feed
 
 
 def _with_weights(block: Block, weights: dict[str, np.ndarray]) -> tuple[ir.Model, dict[str, np.ndarray]]:
@@ -97,6 +107,33 @@ def _with_weights(block: Block, weights: dict[str, np.ndarray]) -> tuple[ir.Mode
             copy.graph.initializers.pop(old.name)  # not read from the original file either
         feed[name] = w
     return copy, feed
+
+
+def _upstream_of_weights(block: Block, names: Sequence[str], weight_outputs: set[str]) -> set[str]:
+    """The tensors of ``names`` that no node in ``weight_outputs`` (the block's weighted nodes) feeds,
+    directly or through other nodes of the block."""
+    producer = {v.name: node for node in block.model.graph for v in node.outputs}
+    fed: dict[str, bool] = {}
+
+    def downstream(name: str) -> bool:  # iterative: blocks can be deep
+        stack = [name]
+        while stack:
+            n = stack[-1]
+            node = producer.get(n)
+            if n in fed or node is None:
+                fed.setdefault(n, False)
+                stack.pop()
+                continue
+            ins = [v.name for v in node.inputs if v is not None and v.name]
+            todo = [i for i in ins if i not in fed]
+            if todo:
+                stack.extend(todo)
+                continue
+            fed[n] = any(o.name in weight_outputs for o in node.outputs) or any(fed[i] for i in ins)
+            stack.pop()
+        return fed[name]
+
+    return {n for n in names if not downstream(n)}
 
 
 def run_chain(chain: Chain, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -135,18 +172,23 @@ class ActivationCache:
 
 
 # ---------------------------------------------------------------------------------------- engine
-def _observe(st: ActivationStats, x: np.ndarray, mask: np.ndarray | None) -> None:
-    """As ``calibrated.collect_stats``: real tokens only, every sample weighing the same."""
+def _observe(st: ActivationStats, x: np.ndarray, mask: np.ndarray | None, x_float: np.ndarray | None = None) -> None:
+    """As ``calibrated.collect_stats``: real tokens only, every sample weighing the same. With
+    ``x_float`` (the float path's values of the same tensor) the rows are paired (``PairedStats``)."""
     from onnxfgq.calibrated import _token_mask
 
     m = _token_mask(mask, x) if mask is not None else None
+    weights = None
     if m is not None and x.ndim == 3:
         lengths = np.maximum(m.sum(1, keepdims=True), 1)
-        st.update(x[m], np.broadcast_to(m.shape[1] / lengths, m.shape)[m] * m.mean())
+        weights = np.broadcast_to(m.shape[1] / lengths, m.shape)[m] * m.mean()
     elif m is not None:
-        st.update(x[m[:, 0]])
+        m = m[:, 0]
+    rows = m if m is not None else slice(None)
+    if x_float is None:
+        st.update(x[rows], weights)
     else:
-        st.update(x)
+        st.update_pair(x[rows], x_float[rows], weights)
 
 
 def _node_dtype(t: Target) -> np.dtype:
@@ -181,12 +223,14 @@ class ColumnChunks:
         warm = getattr(self.solver, "warm", None)
         if warm is not None:  # shared by the slices: computed once, before they start
             warm()
+        for_weight = getattr(self.solver, "for_weight", None)  # what is chosen on the whole weight (GPTAQ)
+        solver = for_weight(w) if for_weight is not None else self.solver
         slices = [np.ascontiguousarray(w[:, j:j + self.columns]) for j in range(0, n, self.columns)]
         if self.workers > 1:
             with ThreadPoolExecutor(max_workers=min(self.workers, len(slices))) as pool:
-                parts = list(pool.map(lambda x: self.solver.solve(x, spec), slices))
+                parts = list(pool.map(lambda x: solver.solve(x, spec), slices))
         else:
-            parts = [self.solver.solve(x, spec) for x in slices]
+            parts = [solver.solve(x, spec) for x in slices]
         qp = parts[0].qparams
         qparams = QParams(np.concatenate([p.qparams.scale for p in parts], axis=1),
                           np.concatenate([p.qparams.zero_point for p in parts], axis=1), qp.block_shape, qp.qr)
@@ -232,6 +276,8 @@ class BlockEngine:
         self.last_block = max(block_of.values(), default=-1)
         self.started: float | None = None  # when the first block's work began (for the estimate)
         self.first = -1  # the first block this process worked on (a resumed run skips the others)
+        self.paired = wc.gptaq  # keep the float path beside the quantized one (--gptaq)
+        self.float_done: set[int] = set()  # blocks whose float-path outputs are in the cache
 
     # -- feeds
     def write_feeds(self, reader_batches: Iterable[dict[str, np.ndarray]]) -> int:
@@ -256,6 +302,17 @@ class BlockEngine:
 
     def _feed(self, block: Block, i: int) -> dict[str, np.ndarray]:
         return {n: self.cache.get(n, i) for n in block.inputs}
+
+    def _float_name(self, name: str) -> str:
+        """Cache name of a tensor on the float path (the model's inputs are the same on both)."""
+        return name if name in self.chain.graph_inputs else FLOAT + name
+
+    def _float_feed(self, block: Block, i: int) -> dict[str, np.ndarray]:
+        return {n: self.cache.get(self._float_name(n), i) for n in block.inputs}
+
+    def _needed(self, block: Block) -> list[str]:
+        """The block's outputs that a later block reads."""
+        return [n for n in block.outputs if self.last_reader.get(n, -1) > block.index]
 
     def _mask(self, i: int) -> np.ndarray | None:
         return np.asarray(self.cache.get(self.mask, i)) != 0 if self.mask else None
@@ -311,22 +368,58 @@ class BlockEngine:
     # -- steps
     def _collect(self, plan, block: Block) -> None:
         """Statistics of the inputs of every weight in ``block``, from its cached inputs; then every
-        weight of the block solved on the executor."""
+        weight of the block solved on the executor. With ``--gptaq`` in two stages: the weights that
+        read the block's inputs first, then the others observed with those already quantized (GPTQ's
+        true-sequential order inside a block), so their target covers the first ones' error too."""
         keys = [key for key in self.order if self.block_of[key] == block.index]
         if not keys:
             return
-        names = list(dict.fromkeys(self.targets[key][0].node.inputs[0].name for key in keys))
+        reads = {key: self.targets[key][0].node.inputs[0].name for key in keys}
+        names = list(dict.fromkeys(reads.values()))
+        stages = [names]
+        if self.paired:
+            first = _upstream_of_weights(block, names, {self.targets[key][0].node.outputs[0].name for key in keys})
+            stages = [s for s in ([n for n in names if n in first], [n for n in names if n not in first]) if s]
+        stats: dict[str, ActivationStats] = {}
+        for stage in stages:
+            solved = {key: plan.effective(self.targets[key][0], self.ready[key]) for key in keys if key in self.ready}
+            stats.update(self._statistics(block, stage, self._node_weights(solved)))
+            self._solve(plan, block, [key for key in keys if reads[key] in stage], stats)
+        plan.calibration_rows = max(plan.calibration_rows, round(max(s.rows for s in stats.values())))
+
+    def _statistics(self, block: Block, names: list[str], weights: dict[str, np.ndarray]) -> dict:
+        """``names``' statistics over the cached batches, the block's weights replaced by ``weights``;
+        with ``--gptaq`` paired with the float path (whose outputs are cached on the first call)."""
         inner = [n for n in names if n not in block.inputs]  # the rest are read from the cache
-        sess = session(_with_outputs(block, inner)) if inner else None
-        stats = {n: ActivationStats() for n in names}
+        model, weight_feed = _with_outputs(block, inner, weights) if inner else (None, {})
+        sess = session(model) if inner else None
+        del model
+        # the float path: the block as it is on the float inputs, its outputs cached for later blocks
+        outs = self._needed(block) if block.index not in self.float_done else []
+        fnames = list(dict.fromkeys(inner + outs)) if self.paired else []
+        fsess = session(_with_outputs(block, fnames)[0]) if fnames else None
+        stats = {n: PairedStats() if self.paired else ActivationStats() for n in names}
         label = self._label(block, "statistics")
         for i in self.progress(range(self.cache.batches), self.cache.batches, label):
             mask = self._mask(i)
             feed = self._feed(block, i)
-            values = dict(zip(inner, sess.run(inner, feed))) if sess is not None else {}
+            values = dict(zip(inner, sess.run(inner, {**feed, **weight_feed}))) if sess is not None else {}
+            fvalues = {}
+            if self.paired:
+                ffeed = self._float_feed(block, i)
+                fvalues = {**ffeed, **dict(zip(fnames, fsess.run(fnames, ffeed)))} if fsess else ffeed
+                for name in outs:
+                    self.cache.put(FLOAT + name, i, fvalues[name])
             for name in names:
-                _observe(stats[name], values[name] if name in values else feed[name], mask)
-        del sess
+                x = values[name] if name in values else feed[name]
+                _observe(stats[name], x, mask, fvalues[name] if self.paired else None)
+        del sess, fsess
+        if self.paired:
+            self.float_done.add(block.index)
+        return stats
+
+    def _solve(self, plan, block: Block, keys: list[tuple], stats: dict[str, ActivationStats]) -> None:
+        """``keys``' weights solved on the executor (grouped by the input they read) into ``ready``."""
         groups: dict[str, list[tuple]] = {}
         for key in keys:
             p = plan.weights[key]
@@ -334,7 +427,6 @@ class BlockEngine:
             p.stats = stats[name]
             p.solver = None  # solved here, on the executor
             groups.setdefault(name, []).append(key)
-        plan.calibration_rows = max(plan.calibration_rows, round(max(s.rows for s in stats.values())))
         jobs, order = [], []
         for name, ks in groups.items():
             items = []
@@ -356,22 +448,25 @@ class BlockEngine:
         for group in self.progress(self.executor.map(self.wc, jobs), len(jobs), label):
             for qw in group:
                 self.ready[next(results)] = qw
-        for st in stats.values():  # GPTQ's factorisations: done with (the statistics stay for the report)
-            st.cache.clear()
+        for name in groups:  # GPTQ's factorisations: done with (the statistics stay for the report)
+            stats[name].cache.clear()
+
+    def _node_weights(self, effective: dict[tuple, np.ndarray]) -> dict[str, np.ndarray]:
+        """``_with_weights``' argument: each weight key's float weight, as its nodes see it."""
+        weights = {}
+        for key, w in effective.items():
+            for t in self.targets[key]:
+                wn = w.astype(_node_dtype(t))
+                weights[t.node.outputs[0].name] = np.ascontiguousarray(wn.T if t.transposed else wn)
+        return weights
 
     def _advance(self, block: Block) -> None:
         """Run ``block`` with its weights as quantized; its outputs go to the cache for later blocks.
         Statistics and effective weights of the block are dropped; the block is checkpointed."""
         if block.index <= self.finished:
             return
-        weights = {}
-        for key, b in self.block_of.items():
-            if b != block.index or key not in self.effective:
-                continue
-            for t in self.targets[key]:
-                w = self.effective[key].astype(_node_dtype(t))
-                weights[t.node.outputs[0].name] = np.ascontiguousarray(w.T if t.transposed else w)
-        needed = [n for n in block.outputs if self.last_reader.get(n, -1) > block.index]
+        weights = self._node_weights({key: w for key, w in self.effective.items() if self.block_of[key] == block.index})
+        needed = self._needed(block)
         if needed:
             model, weight_feed = _with_weights(block, weights)
             sess = session(model)
@@ -379,6 +474,12 @@ class BlockEngine:
                 for name, x in zip(needed, sess.run(needed, {**self._feed(block, i), **weight_feed})):
                     self.cache.put(name, i, x)
             del sess, weight_feed
+        if needed and self.paired and block.index not in self.float_done:  # a block without weights
+            sess = session(block.model)
+            for i in range(self.cache.batches):
+                for name, x in zip(needed, sess.run(needed, self._float_feed(block, i))):
+                    self.cache.put(FLOAT + name, i, x)
+            del sess
         del weights
         for key, b in self.block_of.items():
             if b == block.index:
@@ -390,6 +491,8 @@ class BlockEngine:
         for name in block.inputs:
             if self.last_reader.get(name) == block.index and name != self.mask:
                 self.cache.drop(name)
+                if self.paired:
+                    self.cache.drop(self._float_name(name))
 
     def _finish(self, block: Block) -> None:
         """Block ``block`` is done: checkpoint it (with a work folder) and tell the log."""

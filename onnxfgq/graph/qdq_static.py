@@ -256,7 +256,7 @@ class TensorQuant:
 
     scale: float
     zero_point: int
-    dtype: ir.DataType  # UINT8 or INT8
+    dtype: ir.DataType  # UINT8 or INT8; UINT16 or INT16 (opset 21) for sensitive tensors
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,8 @@ class _Builder:
         """Q -> DQ on ``value`` (one pair per tensor); returns the DQ output."""
         if value.name in self.dq_of:
             return self.dq_of[value.name]
-        np_dtype = np.uint8 if q.dtype == ir.DataType.UINT8 else np.int8
+        np_dtype = {ir.DataType.UINT8: np.uint8, ir.DataType.INT8: np.int8,
+                    ir.DataType.UINT16: np.uint16, ir.DataType.INT16: np.int16}[q.dtype]
         # The scale has the type of the tensor quantized (float16 models: float16, opset >= 19).
         scale = self.initializer(f"{value.name}_scale", np.array(q.scale, dtype=_float_type(value)))
         zp = self.initializer(f"{value.name}_zero_point", np.array(q.zero_point, dtype=np_dtype))

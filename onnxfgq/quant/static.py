@@ -8,12 +8,21 @@ import numpy as np
 from onnxfgq.quant.core import QParams, compute_qparams
 
 INT32_MAX = np.iinfo(np.int32).max
+WEIGHT_QMAX = 127  # int8 weights in [-127, 127]: no int16 saturation in u8s8 kernels
 
 
-def activation_qparams(lo: float, hi: float, *, signed: bool, symmetric: bool) -> QParams:
-    """8-bit per-tensor qparams covering ``[lo, hi]`` (extended to contain 0)."""
+def activation_qparams(lo: float, hi: float, *, signed: bool, symmetric: bool, bits: int = 8) -> QParams:
+    """Per-tensor qparams (8 or 16 bits) covering ``[lo, hi]`` (extended to contain 0)."""
     pair = np.array([min(float(lo), 0.0), max(float(hi), 0.0)], dtype=np.float32)
-    return compute_qparams(pair, (2,), 8, symmetric=symmetric, signed=signed)
+    return compute_qparams(pair, (2,), bits, symmetric=symmetric, signed=signed)
+
+
+def per_channel_scale(w: np.ndarray, axis: int) -> np.ndarray:
+    """Symmetric int8 scale per slice along ``axis`` (``absmax / 127``; 1 for an all-zero slice), shaped
+    like ``w`` with every other axis reduced to 1."""
+    w = np.abs(np.asarray(w, np.float32))
+    absmax = np.max(w, axis=tuple(i for i in range(w.ndim) if i != axis), keepdims=True)
+    return np.where(absmax > 0, absmax / WEIGHT_QMAX, 1.0).astype(np.float32)
 
 
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
