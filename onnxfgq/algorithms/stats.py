@@ -4,7 +4,18 @@ weight perturbation) and the mean absolute value per channel (AWQ's salience).""
 
 from __future__ import annotations
 
+import os
+import tempfile
+import weakref
+
 import numpy as np
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 BAND = 512  # rows of the K x K statistics updated at once (bounded temporaries at any K)
@@ -14,6 +25,7 @@ class ActivationStats:
     def __init__(self) -> None:
         self._gram: np.ndarray | None = None  # float64 [K, K], sum of x x^T over rows (see ``gram``)
         self._upper_stale = False  # only the lower triangle was accumulated since the last ``gram``
+        self._spill = None  # the file holding the Gram matrix once released (``release_gram``)
         self.abs_sum: np.ndarray | None = None  # float64 [K]
         self.rows = 0
         self.cache: dict = {}  # solver by-products that depend only on these statistics
@@ -33,6 +45,12 @@ class ActivationStats:
             self._upper_stale = False
         return self._gram
 
+    def __getstate__(self) -> dict:  # a released Gram matrix travels as an array (no file handle, no finalizer)
+        state = dict(self.__dict__)
+        if self._spill is not None:
+            state["_gram"], state["_spill"] = np.array(self._gram), None
+        return state
+
     @gram.setter
     def gram(self, value: np.ndarray | None) -> None:
         self._gram, self._upper_stale = value, False
@@ -41,6 +59,10 @@ class ActivationStats:
         """Add one batch ``[..., K]`` (rows are every leading index), optionally with a weight per row."""
         x = np.asarray(x, dtype=np.float32)
         x = x.reshape(-1, x.shape[-1])
+        if self._spill is not None:  # more rows after a release: back in memory, writable
+            self._gram = np.array(self._gram)
+            self._spill()
+            self._spill = None
         if self._gram is None:
             k = x.shape[1]
             self.gram = np.zeros((k, k), np.float64)
@@ -57,10 +79,9 @@ class ActivationStats:
         self.cache.clear()
 
     def _add_lower(self, x: np.ndarray) -> None:
-        """``x^T x`` added to the lower triangle: BLAS ssyrk, then float64 row bands (no K x K float64
-        temporary: ``(x.T @ x).astype(float64)`` made one, 0.97 GB at K = 11008)."""
-        from scipy.linalg.blas import ssyrk
-
+        """``x^T x`` added to the lower triangle, a panel of BAND rows at a time: float32 products of
+        [BAND, K] at most, added into the float64 matrix (``(x.T @ x).astype(float64)`` made a K x K
+        float32 and a K x K float64 temporary: 1.45 GB at K = 11008; BLAS syrk still made the first)."""
         if not len(x):
             return
         # X^T X in float32 overflows once |x| passes ~1e19 (and a sum of many rows sooner): such a
@@ -69,16 +90,14 @@ class ActivationStats:
         m = peak if np.isfinite(peak) and peak > 0 else 1.0  # NaN/Inf inputs stay visible in the result
         factor = m * m if m * m * len(x) > 1e30 else 1.0
         xs = x / np.float32(m) if factor != 1.0 else x
-        # x.T is Fortran-ordered (no copy): A A^T with A = x.T; its upper triangle in Fortran order is
-        # the lower triangle of the transpose in C order, read in contiguous row bands.
-        lower = ssyrk(1.0, xs.T, trans=0, lower=0).T
         g = self._gram
         for i in range(0, g.shape[0], BAND):
-            j = i + BAND
+            j = min(i + BAND, g.shape[0])
+            part = np.ascontiguousarray(xs[:, i:j]).T @ xs[:, :j]  # rows i..j of the lower triangle
             if factor == 1.0:
-                g[i:j, :j] += lower[i:j, :j]
+                g[i:j, :j] += part
             else:
-                g[i:j, :j] += np.multiply(lower[i:j, :j], factor, dtype=np.float64)
+                g[i:j, :j] += np.multiply(part, factor, dtype=np.float64)
         self._upper_stale = True
 
     @property
@@ -119,13 +138,25 @@ class ActivationStats:
 
     def release_gram(self) -> np.ndarray:
         """The float64 Gram matrix, handed to a caller that may overwrite it (GPTQ factorises it in
-        place). These statistics keep a float32 copy for everything else (the diagonal, the normalised
-        H, the report's output error): half the memory from then on. Released before: a float64 copy."""
+        place). These statistics keep it on disk from then on (a temporary file, read memory-mapped by
+        the diagonal, the normalised H, the report's output error and a retry with more damping): the
+        K x K float64 matrix is in memory once, not twice. Released before: a float64 copy."""
         g = self.gram
-        if g.dtype != np.float64:
-            return g.astype(np.float64)
-        self._gram = g.astype(np.float32)
+        if self._spill is not None:
+            return np.array(g)
+        with tempfile.NamedTemporaryFile(prefix="onnxfgq-gram-", suffix=".npy", delete=False) as f:
+            np.save(f, g)
+        self._spill = weakref.finalize(self, _remove, f.name)
+        self._gram = np.load(f.name, mmap_mode="r")
         return g
+
+    def discard(self) -> None:
+        """Forget the statistics now, and the file of a released Gram matrix with them."""
+        self._gram = None
+        self.cache.clear()
+        if self._spill is not None:
+            self._spill()
+            self._spill = None
 
     def diagonal(self) -> np.ndarray:
         """``diag(hessian())`` without the K x K copy."""

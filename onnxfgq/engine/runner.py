@@ -350,6 +350,10 @@ class BlockEngine:
         return self.errors.get(t.chain.key + (t.transposed,))
 
     def close(self) -> None:
+        if self.plan is not None:  # the statistics' released Gram matrices live in temporary files
+            for p in self.plan.weights.values():
+                if p.stats is not None:
+                    p.stats.discard()
         self._cleanup()
 
     def _label(self, block: Block, step: str) -> str:
@@ -485,6 +489,8 @@ class BlockEngine:
             if b == block.index:
                 self.effective.pop(key, None)
                 if self.plan is not None:  # its statistics (and the solver's cached inverses) are done
+                    if self.plan.weights[key].stats is not None:
+                        self.plan.weights[key].stats.discard()
                     self.plan.weights[key].stats = None
                     self.plan.weights[key].solver = None
         self._finish(block)
