@@ -132,7 +132,7 @@ class Plan:
         wq = qw.dequantize()
         if p.awq_scale is not None:  # p.stats is of x / s: compare (x / s) (s W) with (x / s) Q(s W)
             w = w * p.awq_scale[:, None]
-        return output_error(w, wq, p.stats.gram)  # the ratio does not depend on the scale: no K x K copy
+        return p.stats.output_error(w, wq)
 
 
 # ---------------------------------------------------------------------------------------- statistics

@@ -15,6 +15,8 @@ of the layer's input, so that the layer's *output* error on the calibration data
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
@@ -34,7 +36,7 @@ def _row_params(qp: QParams, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
 
 def _inverse_hessian_chol(h: np.ndarray, damp: float, perm: np.ndarray, dead: np.ndarray,
                           divisors: tuple[float, ...] = (), overwrite: bool = False,
-                          fallback: np.ndarray | None = None) -> np.ndarray:
+                          fallback: Callable[[], np.ndarray] | None = None) -> np.ndarray:
     """Upper Cholesky factor ``U`` of ``(H' + damp*mean(diag)*I)^-1`` (``U^T U``) with
     ``H' = H[perm][:, perm] / divisors`` (dead channels' diagonal set to 1), float32, retrying with more
     damping.
@@ -49,7 +51,7 @@ def _inverse_hessian_chol(h: np.ndarray, damp: float, perm: np.ndarray, dead: np
     (LAPACK's potrf/trtri), then the float32 result. Dividing the permuted copy in place by
     ``divisors`` gives the same numbers as permuting ``h / divisors`` without that second copy. With
     ``overwrite`` the first attempt permutes ``h`` itself in place (no copy at all: 0.97 GB less at
-    K = 11008); a retry with more damping then starts from ``fallback`` (a float32 copy of ``h``).
+    K = 11008); a retry with more damping then starts from ``fallback()`` (``h`` read again).
     """
     from scipy.linalg import lapack
 
@@ -67,7 +69,7 @@ def _inverse_hessian_chol(h: np.ndarray, damp: float, perm: np.ndarray, dead: np
         elif overwrite and fallback is None:
             break
         else:  # J H' J; symmetric, so its transpose is the Fortran-ordered array
-            work = np.asarray((fallback if overwrite else h)[np.ix_(rev, rev)], np.float64).T
+            work = np.asarray((fallback() if overwrite else h)[np.ix_(rev, rev)], np.float64).T
         for d in divisors:
             work /= d
         work[dead_rows, dead_rows] = 1.0
@@ -122,7 +124,7 @@ def row_order(diag_h: np.ndarray, order: str, block: int) -> np.ndarray:
 
 
 def prepare(h: np.ndarray, *, damp: float, order: str = "act", block: int = 0, divisors: tuple[float, ...] = (),
-            overwrite: bool = False, fallback: np.ndarray | None = None):
+            overwrite: bool = False, fallback: Callable[[], np.ndarray] | None = None):
     """What GPTQ needs from a Hessian ``h / divisors`` (``h`` may be the statistics' Gram matrix), shared
     by every weight that reads the same input: (dead input channels, row order, upper Cholesky factor
     of the damped inverse in that order). ``h`` is read only, unless ``overwrite`` hands it over (see
@@ -292,7 +294,7 @@ class GPTQ:
             gram = st.release_gram()  # factorised in place: no K x K float64 copy besides it
             try:
                 st.cache[key] = prepare(gram, damp=damp, order=key[2], divisors=divisors, overwrite=True,
-                                        fallback=st.gram)
+                                        fallback=lambda: st.gram)
             except np.linalg.LinAlgError as exc:
                 st.cache[key] = str(exc)
             del gram

@@ -33,8 +33,13 @@ class ActivationStats:
     @property
     def gram(self) -> np.ndarray | None:
         """``X^T X`` (float64, symmetric). Batches add to the lower triangle only (half the flops: a 7B
-        down projection's statistics cost as much as running its layer); it is mirrored here, in
-        place, when read."""
+        down projection's statistics cost as much as running its layer); it is mirrored in place when
+        read. Once released (``release_gram``), a copy read from its file: prefer ``bands``."""
+        if self._spill is not None:
+            return np.fromfile(self._spill_path, np.float64).reshape(self._spill_k, self._spill_k)
+        return self._gram_in_memory()
+
+    def _gram_in_memory(self) -> np.ndarray | None:
         if self._upper_stale:
             g = self._gram
             for i in range(0, g.shape[0], BAND):
@@ -48,7 +53,7 @@ class ActivationStats:
     def __getstate__(self) -> dict:  # a released Gram matrix travels as an array (no file handle, no finalizer)
         state = dict(self.__dict__)
         if self._spill is not None:
-            state["_gram"], state["_spill"] = np.array(self._gram), None
+            state["_gram"], state["_spill"] = self.gram, None
         return state
 
     @gram.setter
@@ -59,8 +64,8 @@ class ActivationStats:
         """Add one batch ``[..., K]`` (rows are every leading index), optionally with a weight per row."""
         x = np.asarray(x, dtype=np.float32)
         x = x.reshape(-1, x.shape[-1])
-        if self._spill is not None:  # more rows after a release: back in memory, writable
-            self._gram = np.array(self._gram)
+        if self._spill is not None:  # more rows after a release: back in memory
+            self._gram = self.gram
             self._spill()
             self._spill = None
         if self._gram is None:
@@ -102,6 +107,8 @@ class ActivationStats:
 
     @property
     def k(self) -> int:
+        if self._spill is not None:
+            return self._spill_k
         return 0 if self._gram is None else self._gram.shape[0]
 
     def hessian(self) -> np.ndarray:
@@ -119,36 +126,60 @@ class ActivationStats:
 
     def finite(self) -> bool:
         if "finite" not in self.cache:
-            self.cache["finite"] = bool(np.all(np.isfinite(self.gram)))
+            self.cache["finite"] = all(bool(np.all(np.isfinite(b))) for _, b in self.bands())
         return self.cache["finite"]
 
-    def normalized32(self, rows_at_once: int = 512) -> np.ndarray:
+    def normalized32(self) -> np.ndarray:
         """``H / mean(diag H)`` in float32, cached; made a band of rows at a time from the Gram matrix,
         so the K x K float64 intermediate never exists (0.97 GB at K = 11008)."""
         if "h32" not in self.cache:
             divisors = self.normalizers()
-            out = np.empty(self.gram.shape, np.float32)
-            for i in range(0, self.k, rows_at_once):
-                band = self.gram[i:i + rows_at_once].copy()
+            out = np.empty((self.k, self.k), np.float32)
+            for i, band in self.bands():
+                band = np.array(band)
                 for d in divisors:
                     band /= d
-                out[i:i + rows_at_once] = band
+                out[i:i + len(band)] = band
             self.cache["h32"] = out
         return self.cache["h32"]
 
+    def output_error(self, w: np.ndarray, w_hat: np.ndarray) -> float:
+        """``output_error(w, w_hat, hessian())`` a band of rows at a time (no K x K copy or mapping)."""
+        d = np.asarray(w_hat, np.float64) - np.asarray(w, np.float64)
+        w = np.asarray(w, np.float64)
+        noise = signal = 0.0
+        for i, band in self.bands():
+            rows = slice(i, i + len(band))
+            noise += float(np.sum((band @ d) * d[rows]))
+            signal += float(np.sum((band @ w) * w[rows]))
+        return noise / signal if signal > 0 else (0.0 if noise == 0 else float("inf"))
+
     def release_gram(self) -> np.ndarray:
         """The float64 Gram matrix, handed to a caller that may overwrite it (GPTQ factorises it in
-        place). These statistics keep it on disk from then on (a temporary file, read memory-mapped by
-        the diagonal, the normalised H, the report's output error and a retry with more damping): the
-        K x K float64 matrix is in memory once, not twice. Released before: a float64 copy."""
-        g = self.gram
+        place). These statistics keep it in a temporary file from then on, read a band of rows at a
+        time (``bands``: the diagonal, the normalised H, the report's output error, a retry with more
+        damping): the K x K float64 matrix is in memory once, not twice, and reading it back maps no
+        pages for good. Released before: a float64 copy read from the file."""
         if self._spill is not None:
-            return np.array(g)
-        with tempfile.NamedTemporaryFile(prefix="onnxfgq-gram-", suffix=".npy", delete=False) as f:
-            np.save(f, g)
+            return self.gram
+        g = self.gram
+        with tempfile.NamedTemporaryFile(prefix="onnxfgq-gram-", suffix=".f64", delete=False) as f:
+            g.tofile(f)
         self._spill = weakref.finalize(self, _remove, f.name)
-        self._gram = np.load(f.name, mmap_mode="r")
+        self._spill_path, self._spill_k = f.name, g.shape[0]
+        self._gram = None
         return g
+
+    def bands(self, rows: int = BAND):
+        """``(start, rows of the Gram matrix)`` a band at a time, from memory or from the released file."""
+        if self._spill is None:
+            for i in range(0, self.k, rows):
+                yield i, self.gram[i:i + rows]
+            return
+        k = self._spill_k
+        for i in range(0, k, rows):
+            n = min(rows, k - i)
+            yield i, np.fromfile(self._spill_path, np.float64, count=n * k, offset=i * k * 8).reshape(n, k)
 
     def discard(self) -> None:
         """Forget the statistics now, and the file of a released Gram matrix with them."""
@@ -160,7 +191,9 @@ class ActivationStats:
 
     def diagonal(self) -> np.ndarray:
         """``diag(hessian())`` without the K x K copy."""
-        return np.diag(self.gram).astype(np.float64) / self.rows
+        if "diag" not in self.cache:
+            self.cache["diag"] = np.concatenate([np.diagonal(b, offset=i) for i, b in self.bands()])
+        return self.cache["diag"] / self.rows
 
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.rows, 1)

@@ -37,7 +37,7 @@ import onnx_ir as ir
 
 from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
 from onnxfgq.algorithms.gptaq import PairedStats
-from onnxfgq.algorithms.stats import ActivationStats, output_error
+from onnxfgq.algorithms.stats import ActivationStats
 from onnxfgq.config import WeightConfig
 from onnxfgq.engine.blocks import Block, Chain, partition
 from onnxfgq.engine.executors import WeightRef
@@ -526,7 +526,7 @@ def _sampled_output_error(w: np.ndarray, wq: np.ndarray, stats: ActivationStats)
     if n > ERROR_COLUMNS:
         cols = np.unique(np.linspace(0, n - 1, ERROR_COLUMNS).round().astype(np.int64))
         w, wq = w[:, cols], wq[:, cols]
-    return output_error(w, wq, stats.gram)  # the ratio does not depend on the scale: no K x K copy
+    return stats.output_error(w, wq)
 
 
 def _minutes(seconds: float) -> str:

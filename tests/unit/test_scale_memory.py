@@ -156,3 +156,27 @@ def test_rtn_in_column_slices_is_rtn(spec):
     assert sqnr == pytest.approx(sqnr_db(w, whole.dequantize()), abs=1e-4)
     w[5, 2000] = np.nan
     assert np.isnan(solve_with_sqnr(w, spec, columns=700)[1])  # NaN is reported as NaN
+
+
+def test_in_place_factorisation_retries_from_the_fallback():
+    """The first attempt overwrites the Hessian; a retry with more damping reads it again."""
+    h = _hessian(40, 60)
+    h -= 0.3 * np.mean(np.diag(h)) * np.eye(40)  # indefinite: damping 0.01 and 0.1 fail, 1.0 succeeds
+    copy = h.copy()
+    expected = prepare(h.copy(), damp=0.01)
+    got = prepare(h, damp=0.01, overwrite=True, fallback=lambda: copy)
+    assert np.array_equal(expected[2], got[2])
+
+
+def test_released_statistics_answer_from_their_file(tmp_path):
+    st = _stats(300, 500)
+    w = np.random.default_rng(8).standard_normal((300, 20)).astype(np.float32)
+    wq = w + np.random.default_rng(9).standard_normal(w.shape).astype(np.float32) * 0.01
+    before = (st.output_error(w, wq), st.diagonal().copy(), st.normalized32().copy())
+    st.cache.clear()
+    gram = st.release_gram()
+    gram[:] = 0.0  # the caller owns it now (GPTQ factorises it in place)
+    assert st.output_error(w, wq) == pytest.approx(before[0], rel=1e-12)
+    assert np.array_equal(st.diagonal(), before[1])
+    assert np.array_equal(st.normalized32(), before[2])
+    st.discard()
