@@ -274,7 +274,7 @@ class GPTQ:
         """Compute what every weight reading these statistics shares (the factorisation, the float32 H),
         so that slices of a weight can then be solved on several threads at once."""
         st = self.stats
-        if st.gram is None or st.rows == 0 or not st.finite():
+        if st.k == 0 or st.rows == 0 or not st.finite():
             return
         damp, note = self._damping()
         self._prepared(damp)
@@ -303,7 +303,7 @@ class GPTQ:
     def solve(self, w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         """GPTQ on this weight; RTN (with a note saying why) when the Hessian is unusable."""
         st = self.stats
-        if st.gram is None or st.rows == 0:
+        if st.k == 0 or st.rows == 0:  # (st.gram would read a released matrix back)
             raise ValueError("no activations were observed")
         if not st.finite():
             return _rtn(w, spec, "GPTQ fell back to RTN: the calibration inputs hold NaN/Inf")

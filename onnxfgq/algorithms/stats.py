@@ -173,8 +173,9 @@ class ActivationStats:
     def bands(self, rows: int = BAND):
         """``(start, rows of the Gram matrix)`` a band at a time, from memory or from the released file."""
         if self._spill is None:
+            g = self.gram
             for i in range(0, self.k, rows):
-                yield i, self.gram[i:i + rows]
+                yield i, g[i:i + rows]
             return
         k = self._spill_k
         for i in range(0, k, rows):
