@@ -180,3 +180,19 @@ def test_released_statistics_answer_from_their_file(tmp_path):
     assert np.array_equal(st.diagonal(), before[1])
     assert np.array_equal(st.normalized32(), before[2])
     st.discard()
+
+
+def test_a_large_output_is_checked_in_bounded_memory(tmp_path, monkeypatch):
+    """Above the limit the output is not loaded in onnxruntime (that load holds all its weights) where
+    onnx.checker vouches for it, and the report says what was checked."""
+    src = _external_model(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    loads = []
+    real = io._runtime_error
+    monkeypatch.setattr(io, "_runtime_error", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(io, "ORT_PRECHECK_BYTES", 1000)
+    report = quantize_file(src, tmp_path / "out" / "q.onnx", QuantizeConfig(weights=WeightConfig(block_size=32)))
+    assert loads == []
+    assert any("validated by onnx.checker by path" in n and "not loaded in onnxruntime" in n for n in report.notes)
+    feed = {"x": np.random.default_rng(10).standard_normal((2, 256)).astype(np.float32)}
+    assert run(tmp_path / "out" / "q.onnx", feed)[0].shape == (2, 64)  # and it does load
