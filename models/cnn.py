@@ -76,23 +76,31 @@ def train(out_dir: Path):
     """The trained network (eval mode), from ``out_dir/weights.pt`` when it matches this recipe."""
     import torch
 
-    out_dir = Path(out_dir)
+    return train_cached(Path(out_dir), _recipe_key(), _network, _data, SEED, EPOCHS,
+                        lambda params: torch.optim.Adam(params, lr=3e-3))
+
+
+def train_cached(out_dir: Path, key: str, network, data, seed: int, epochs: int, optimizer):
+    """``network()`` trained on ``data()``'s (x, y) with ``optimizer(params)``, cosine-annealed over
+    ``epochs`` of seeded 64-sample batches; loaded from ``out_dir/weights.pt`` when saved under ``key``."""
+    import torch
+
     cache = out_dir / "weights.pt"
-    net = _network()
+    net = network()
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
-        if saved.get("key") == _recipe_key():
+        if saved.get("key") == key:
             net.load_state_dict(saved["state"])
             return net.eval()
-    torch.manual_seed(SEED)
-    net = _network()
-    x, y, _, _ = _data()
+    torch.manual_seed(seed)
+    net = network()
+    x, y, _, _ = data()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
-    gen = torch.Generator().manual_seed(SEED)
+    opt = optimizer(net.parameters())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    gen = torch.Generator().manual_seed(seed)
     net.train()
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         for idx in torch.randperm(len(yt), generator=gen).split(64):
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
@@ -102,7 +110,7 @@ def train(out_dir: Path):
     net.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    torch.save({"key": _recipe_key(), "state": net.state_dict()}, tmp)
+    torch.save({"key": key, "state": net.state_dict()}, tmp)
     tmp.replace(cache)
     return net
 

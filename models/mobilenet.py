@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.cnn import _write_batches, _write_pngs  # the same file layout, so the same readers apply
+from models.cnn import _write_batches, _write_pngs, train_cached  # the same file layout and training loop
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -97,35 +97,8 @@ def train(out_dir: Path):
     """The trained network (eval mode), from ``out_dir/weights.pt`` when it matches this recipe."""
     import torch
 
-    out_dir = Path(out_dir)
-    cache = out_dir / "weights.pt"
-    net = _network()
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        if saved.get("key") == _recipe_key():
-            net.load_state_dict(saved["state"])
-            return net.eval()
-    torch.manual_seed(SEED)
-    net = _network()
-    x, y, _, _ = _data()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.AdamW(net.parameters(), lr=5e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
-    gen = torch.Generator().manual_seed(SEED)
-    net.train()
-    for _ in range(EPOCHS):
-        for idx in torch.randperm(len(yt), generator=gen).split(64):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-        sched.step()
-    net.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"key": _recipe_key(), "state": net.state_dict()}, tmp)
-    tmp.replace(cache)
-    return net
+    return train_cached(Path(out_dir), _recipe_key(), _network, _data, SEED, EPOCHS,
+                        lambda params: torch.optim.AdamW(params, lr=5e-3, weight_decay=1e-4))
 
 
 def heldout() -> tuple[np.ndarray, np.ndarray]:
