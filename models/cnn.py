@@ -151,22 +151,29 @@ def export(out_dir: str | Path = Path("build/cnn"), opset: int = 13) -> Path:
 
     Returns the model path: ``out_dir/model.onnx`` for opset 13, ``out_dir/model_opset<N>.onnx`` otherwise.
     """
+    out_dir = Path(out_dir)
+    path = out_dir / ("model.onnx" if opset == 13 else f"model_opset{opset}.onnx")
+    return export_classifier(train(out_dir), path, IMAGE_SIZE, opset, heldout(), calibration)
+
+
+def export_classifier(net, path: Path, image_size: int, opset: int, held: tuple[np.ndarray, np.ndarray],
+                      calibration) -> Path:
+    """``net`` exported to ``path`` (legacy exporter, BatchNormalization kept), and beside it the
+    held-out batches, their labels and PNG copies, and the calibration batches (``calibration()``)."""
     import torch
 
-    out_dir = Path(out_dir)
-    net = train(out_dir)
-    path = out_dir / ("model.onnx" if opset == 13 else f"model_opset{opset}.onnx")
+    out_dir = path.parent
     tmp = path.with_suffix(".tmp.onnx")
     with torch.no_grad():
         # do_constant_folding=False keeps BatchNormalization as its own node (folding is our job).
         torch.onnx.export(
-            net, (torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE),), str(tmp), input_names=[INPUT_NAME],
+            net, (torch.zeros(1, 1, image_size, image_size),), str(tmp), input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             opset_version=opset, dynamo=False, do_constant_folding=False,
             training=torch.onnx.TrainingMode.EVAL,
         )
     tmp.replace(path)
-    hx, hy = heldout()
+    hx, hy = held
     if not (out_dir / "heldout").is_dir():
         _write_batches(out_dir / "heldout", hx)
         np.save(out_dir / "heldout_labels.npy", hy)  # beside the folder: it must hold model inputs only

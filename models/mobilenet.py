@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.cnn import _write_batches, _write_pngs, train_cached  # the same file layout and training loop
+from models.cnn import export_classifier, train_cached  # the same training loop and file layout
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -119,29 +119,9 @@ def export(out_dir: str | Path = Path("build/mobilenet"), opset: int = OPSET) ->
     Returns the model path: ``out_dir/model.onnx`` for the default opset, ``out_dir/model_opset<N>.onnx``
     otherwise.
     """
-    import torch
-
     out_dir = Path(out_dir)
-    net = train(out_dir)
     path = out_dir / ("model.onnx" if opset == OPSET else f"model_opset{opset}.onnx")
-    tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad():
-        # do_constant_folding=False keeps BatchNormalization as its own node (folding is our job).
-        torch.onnx.export(
-            net, (torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE),), str(tmp), input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset, dynamo=False, do_constant_folding=False,
-            training=torch.onnx.TrainingMode.EVAL,
-        )
-    tmp.replace(path)
-    hx, hy = heldout()
-    if not (out_dir / "heldout").is_dir():
-        _write_batches(out_dir / "heldout", hx)
-        np.save(out_dir / "heldout_labels.npy", hy)  # beside the folder: it must hold model inputs only
-        _write_batches(out_dir / "calib", calibration())
-    if not (out_dir / "heldout_png").is_dir():
-        _write_pngs(out_dir / "heldout_png", hx, hy)
-    return path
+    return export_classifier(train(out_dir), path, IMAGE_SIZE, opset, heldout(), calibration)
 
 
 def main() -> None:
