@@ -199,6 +199,17 @@ class ActivationStats:
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.rows, 1)
 
+    def rescale(self, s: np.ndarray) -> None:
+        """In place, the statistics of ``x / s`` (``scaled`` without a second K x K matrix)."""
+        inv = 1.0 / np.asarray(s, np.float64)
+        g = self._gram_in_memory()
+        if g is not None:
+            g *= inv[:, None]
+            g *= inv[None, :]
+        if self.abs_sum is not None:
+            self.abs_sum = self.abs_sum * inv
+        self.cache.clear()
+
     def scaled(self, s: np.ndarray) -> ActivationStats:
         """Statistics of ``x / s`` (after an AWQ scale ``s`` was folded into the producer)."""
         out = ActivationStats()

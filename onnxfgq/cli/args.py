@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-act-order", dest="act_order", action="store_false", default=_W.gptq_act_order,
                    help="GPTQ: process rows in their order instead of by decreasing salience")
     c.add_argument("--sequential", dest="sequential", action="store_true", default=_W.gptq_sequential,
-                   help="GPTQ: re-collect later layers' inputs from the partly quantized model (one calibration "
-                        "pass per few layers) instead of taking every input from the float model")
+                   help="GPTQ: re-collect later layers' inputs from the partly quantized model (whole model: one "
+                        "calibration pass per few layers; --engine blocks: each block calibrated on what the "
+                        "quantized blocks before it produce) instead of taking every input from the float model")
     c.add_argument("--gptaq", action="store_true", default=_W.gptaq,
                    help="--engine blocks, GPTQ: asymmetric calibration (GPTAQ): fit each layer, on the inputs the "
                         "quantized blocks before it produce, to the float model's output")

@@ -123,19 +123,20 @@ class Work:
         """The last finished block (-1: none)."""
         return int(self.manifest.get("finished", -1))
 
-    def save_weight(self, j: int, block: int, qw) -> dict:
-        """Write weight ``j`` (of block ``block``) as solved; returns its manifest entry, which
-        ``finish_block`` records once the whole block is done."""
+    def save_weight(self, j: int, block: int, qw, *, awq_scale: np.ndarray | None = None, awq_note: str = "") -> dict:
+        """Write weight ``j`` (of block ``block``) as solved, with its AWQ scale if any; returns its
+        manifest entry, which ``finish_block`` records once the whole block is done."""
         codes = qw.codes
         low, top = int(codes.min(initial=0)), int(codes.max(initial=0))
         small = np.uint8 if low >= 0 and top < 256 else np.uint16 if low >= 0 and top < 65536 else codes.dtype
         path = self.folder / f"w{j}.npz"
         partial = self.folder / f"w{j}.partial.npz"
+        extra = {} if awq_scale is None else {"awq_scale": awq_scale}
         np.savez(partial, codes=codes.astype(small, copy=False), scale=qw.qparams.scale,
-                 zero_point=qw.qparams.zero_point)
+                 zero_point=qw.qparams.zero_point, **extra)
         os.replace(partial, path)
         return {"block": block, "codes_dtype": str(codes.dtype), "block_shape": list(qw.qparams.block_shape),
-                "bits": qw.qparams.qr.bits, "signed": qw.qparams.qr.signed, "note": qw.note}
+                "bits": qw.qparams.qr.bits, "signed": qw.qparams.qr.signed, "note": qw.note, "awq_note": awq_note}
 
     def finish_block(self, index: int, entries: dict[int, dict], cache_ids: dict[str, int], batches: int,
                      rows: int) -> None:
@@ -148,7 +149,8 @@ class Work:
         self._write_manifest()
 
     def load_weights(self) -> dict[int, tuple]:
-        """{weight index: (QuantizedWeight, output error or None)} of every finished block."""
+        """{weight index: (QuantizedWeight, output error or None, {"awq_scale", "awq_note"} if any)} of
+        every finished block."""
         from onnxfgq.algorithms.base import QuantizedWeight
         from onnxfgq.quant import QParams
         from onnxfgq.quant.core import QRange
@@ -160,7 +162,9 @@ class Work:
             with np.load(self.folder / f"w{j}.npz") as data:
                 qp = QParams(data["scale"], data["zero_point"], tuple(m["block_shape"]), QRange(m["bits"], m["signed"]))
                 qw = QuantizedWeight(data["codes"].astype(np.dtype(m["codes_dtype"])), qp, m["note"])
-            out[int(j)] = (qw, m.get("error"))
+                extra = {"awq_scale": data["awq_scale"], "awq_note": m.get("awq_note", "")} \
+                    if "awq_scale" in data.files else {}
+            out[int(j)] = (qw, m.get("error"), extra)
         return out
 
     def _write_manifest(self) -> None:

@@ -6,11 +6,13 @@ The calibration feeds are written to a cache folder once. Then, block after bloc
    MatMul/Gemm weights stream into ``ActivationStats`` (padding tokens left out, as in
    ``calibrated.collect_stats``); AWQ scales are searched there when asked;
 2. its weights are solved (``Plan.solve``, called by the rewriter in graph order);
-3. before the first weight of the next block is solved, the block runs again with every weight
-   replaced by the float weight its quantized form computes, and its outputs become the next block's
-   cached inputs. So each block is calibrated on what the quantized blocks before it produce (GPTQ's
-   sequential mode), and nothing but one block's session, statistics and one batch of activations is
-   in memory at a time.
+3. before the first weight of the next block is solved, the block's outputs become the next block's
+   cached inputs: by default the block as it is (float weights), so every weight's statistics are the
+   whole-model path's; with ``--sequential`` (GPTQ's sequential mode) the block runs again with every
+   weight replaced by the float weight its quantized form computes, so each block is calibrated on what
+   the quantized blocks before it produce. Either way nothing but one block's session, statistics and
+   one batch of activations is in memory at a time. (Sequential is not the default: on the test LLM it
+   measured behind the float inputs; docs/BENCHMARKS.md.)
 
 With ``--gptaq`` (asymmetric calibration) the float model's path is kept beside it: each block also
 runs with its float weights on the float path's cached inputs (``FLOAT``-prefixed cache entries), and
@@ -246,7 +248,7 @@ class BlockEngine:
 
     def __init__(self, chain: Chain, block_of: dict[tuple, int], targets: dict[tuple, list[Target]],
                  wc: WeightConfig, progress: Progress, folder: Path, mask: str | None, *, work=None,
-                 executor=None):
+                 executor=None, layouts: Layouts | None = None, awq: AWQEdits | None = None):
         from onnxfgq.engine.executors import make_executor
 
         self.chain, self.block_of, self.targets = chain, block_of, targets
@@ -277,7 +279,13 @@ class BlockEngine:
         self.started: float | None = None  # when the first block's work began (for the estimate)
         self.first = -1  # the first block this process worked on (a resumed run skips the others)
         self.paired = wc.gptaq  # keep the float path beside the quantized one (--gptaq)
+        # later blocks read what the quantized blocks produce (--sequential; --gptaq pairs both paths)
+        self.sequential = wc.gptq_sequential or wc.gptaq
         self.float_done: set[int] = set()  # blocks whose float-path outputs are in the cache
+        self.layouts, self.awq = layouts, awq  # per-layer choices made from a block's statistics
+        self.pending_awq: dict[int, dict[tuple, tuple]] = {}  # resumed: block -> its weights' AWQ scales
+        # the tensor each weight reads, as the blocks name it (an AWQ edit renames it in the output graph)
+        self.reads = {key: ts[0].node.inputs[0].name for key, ts in targets.items()}
 
     # -- feeds
     def write_feeds(self, reader_batches: Iterable[dict[str, np.ndarray]]) -> int:
@@ -295,10 +303,16 @@ class BlockEngine:
         self.cache.ids = dict(w.manifest["cache"]["ids"])
         self.cache.batches = int(w.manifest["cache"]["batches"])
         plan.calibration_rows = int(w.manifest.get("rows", 0))
-        for j, (qw, err) in w.load_weights().items():
+        scales = {}
+        for j, (qw, err, extra) in w.load_weights().items():
             key = self.order[j]
             self.restored[key] = qw
             self.errors[key] = err
+            if extra.get("awq_scale") is not None:
+                scales[key] = (extra["awq_scale"], extra.get("awq_note", ""))
+        for key in self.order:  # the finished blocks' graph edits, redone when their block comes (``take``)
+            if key in scales:
+                self.pending_awq.setdefault(self.block_of[key], {})[key] = scales[key]
 
     def _feed(self, block: Block, i: int) -> dict[str, np.ndarray]:
         return {n: self.cache.get(n, i) for n in block.inputs}
@@ -322,6 +336,9 @@ class BlockEngine:
         """The solved weight of ``t`` (advancing, calibrating and solving blocks as needed)."""
         key = t.chain.key + (t.transposed,)
         if key in self.restored:
+            scales = self.pending_awq.pop(self.block_of[key], None)
+            if scales and self.awq is not None:  # at the point the interrupted run made them: same bytes
+                self.awq.redo(plan, {k: self.targets[k][0] for k in scales}, scales, self.reads)
             return self.restored.pop(key)
         b = self.block_of[key]
         while self.current < b:
@@ -332,13 +349,17 @@ class BlockEngine:
         qw = self.ready.pop(key)
         effective = plan.effective(t, qw)
         p = plan.weights[key]
-        self.errors[key] = _sampled_output_error(w, effective, p.stats) if p.stats is not None and p.stats.rows \
-            else None
-        if b < len(self.chain) - 1:  # the last block's outputs feed nothing
+        if p.stats is not None and p.stats.rows:  # p.stats is of x / s under AWQ: compare s W with Q(s W)
+            scaled = p.awq_scale is not None
+            self.errors[key] = _sampled_output_error(w * p.awq_scale[:, None] if scaled else w,
+                                                     qw.dequantize() if scaled else effective, p.stats)
+        else:
+            self.errors[key] = None
+        if self.sequential and b < len(self.chain) - 1:  # the last block's outputs feed nothing
             self.effective[key] = effective
         if self.work is not None:
             j = self.order.index(key)
-            self.saved[j] = self.work.save_weight(j, b, qw)
+            self.saved[j] = self.work.save_weight(j, b, qw, awq_scale=p.awq_scale, awq_note=p.awq_note)
         self.taken.add(key)
         if b == self.last_block and all(k in self.taken for k, kb in self.block_of.items()
                                         if kb == b and k not in self.refused):
@@ -378,7 +399,7 @@ class BlockEngine:
         keys = [key for key in self.order if self.block_of[key] == block.index]
         if not keys:
             return
-        reads = {key: self.targets[key][0].node.inputs[0].name for key in keys}
+        reads = {key: self.reads[key] for key in keys}
         names = list(dict.fromkeys(reads.values()))
         stages = [names]
         if self.paired:
@@ -388,7 +409,12 @@ class BlockEngine:
         for stage in stages:
             solved = {key: plan.effective(self.targets[key][0], self.ready[key]) for key in keys if key in self.ready}
             stats.update(self._statistics(block, stage, self._node_weights(solved)))
-            self._solve(plan, block, [key for key in keys if reads[key] in stage], stats)
+            staged = [key for key in keys if reads[key] in stage]
+            if self.awq is not None:  # scales into the output graph; the statistics become those of x / s
+                self.awq.apply(plan, {key: self.targets[key][0] for key in staged}, stats, reads)
+            if self.layouts is not None:
+                self.layouts.choose(plan, {key: self.targets[key][0] for key in staged}, stats, reads)
+            self._solve(plan, block, staged, stats)
         plan.calibration_rows = max(plan.calibration_rows, round(max(s.rows for s in stats.values())))
 
     def _statistics(self, block: Block, names: list[str], weights: dict[str, np.ndarray]) -> dict:
@@ -427,7 +453,7 @@ class BlockEngine:
         groups: dict[str, list[tuple]] = {}
         for key in keys:
             p = plan.weights[key]
-            name = self.targets[key][0].node.inputs[0].name
+            name = self.reads[key]
             p.stats = stats[name]
             p.solver = None  # solved here, on the executor
             groups.setdefault(name, []).append(key)
@@ -441,7 +467,9 @@ class BlockEngine:
                     self.refused.add(key)
                     continue
                 # read again when its solve starts: a 7B MLP block's three weights are 540 MB
-                items.append((WeightRef(t.weight, w.shape), plan.weights[key].spec))
+                scale = plan.weights[key].awq_scale
+                load = t.weight if scale is None else _Scaled(t.weight, scale)
+                items.append((WeightRef(load, w.shape), plan.weights[key].spec))
                 del w
                 order.append(key)
             if items:
@@ -465,14 +493,15 @@ class BlockEngine:
         return weights
 
     def _advance(self, block: Block) -> None:
-        """Run ``block`` with its weights as quantized; its outputs go to the cache for later blocks.
-        Statistics and effective weights of the block are dropped; the block is checkpointed."""
+        """Run ``block`` (with its weights as quantized where sequential, else as it is); its outputs go
+        to the cache for later blocks. Statistics and effective weights of the block are dropped; the
+        block is checkpointed."""
         if block.index <= self.finished:
             return
         weights = self._node_weights({key: w for key, w in self.effective.items() if self.block_of[key] == block.index})
         needed = self._needed(block)
         if needed:
-            model, weight_feed = _with_weights(block, weights)
+            model, weight_feed = _with_weights(block, weights) if weights else (block.model, {})
             sess = session(model)
             for i in range(self.cache.batches):
                 for name, x in zip(needed, sess.run(needed, {**self._feed(block, i), **weight_feed})):
@@ -515,6 +544,90 @@ class BlockEngine:
         pause_point(f"block{block.index}")
 
 
+class _Scaled:
+    """A weight's loader times an AWQ scale over its input channels (rows): ``diag(s) W``."""
+
+    def __init__(self, load: Callable[[], np.ndarray], scale: np.ndarray):
+        self.load, self.scale = load, scale
+
+    def __call__(self) -> np.ndarray:
+        return self.load() * self.scale[:, None]
+
+
+class AWQEdits:
+    """AWQ block by block: for each input tensor of a block's weights, the shared scale ``s`` searched
+    on its statistics (``algorithms/awq.search_scale``, as the whole-model planner does), ``x / s``
+    made in the output graph (``graph/awq_fold``: folded into a LayerNormalization or one Mul), the
+    weights solved as ``diag(s) W`` on the statistics of ``x / s``. The float path is unchanged by
+    the edit (exact in real arithmetic), so later blocks' inputs do not depend on it."""
+
+    def __init__(self, model: ir.Model, targets: Sequence[Target], wc: WeightConfig):
+        self.graph, self.targets, self.wc = model.graph, list(targets), wc
+
+    def _consumers(self, value: ir.Value) -> list[ir.Node]:
+        return [t.node for t in self.targets if t.node.inputs[0] is value]
+
+    def apply(self, plan, targets: dict[tuple, Target], stats: dict[str, ActivationStats],
+              reads: dict[tuple, str]) -> None:
+        """Scales for ``targets`` (the weights of one stage of a block), from ``stats`` of the tensors
+        they read (``reads``: names as the block sees them)."""
+        from onnxfgq.algorithms.awq import search_scale
+        from onnxfgq.graph.awq_fold import apply_input_scale
+
+        groups: dict[str, list[tuple]] = {}
+        for key, t in targets.items():
+            groups.setdefault(reads[key], []).append(key)
+        for name, keys in groups.items():
+            ws = [targets[k].weight() for k in keys]
+            found = search_scale(ws, [plan.weights[k].spec for k in keys], stats[name])
+            del ws
+            if found.alpha == 0.0:
+                continue
+            value = targets[keys[0]].node.inputs[0]
+            note = apply_input_scale(self.graph, value, self._consumers(value), found.scale)
+            stats[name].rescale(found.scale)
+            for k in keys:  # the report's per-layer detail says it, as the whole-model planner's does
+                plan.weights[k].awq_scale = found.scale
+                plan.weights[k].awq_note = f"awq alpha {found.alpha:.2f} ({note})"
+
+    def redo(self, plan, targets: dict[tuple, Target], scales: dict[tuple, tuple[np.ndarray, str]],
+             reads: dict[tuple, str]) -> None:
+        """A resumed run: the finished blocks' scales (from the work folder) applied to the graph again."""
+        from onnxfgq.graph.awq_fold import apply_input_scale
+
+        groups: dict[str, list[tuple]] = {}
+        for key in targets:
+            scale, note = scales[key]
+            plan.weights[key].awq_scale, plan.weights[key].awq_note = scale, note
+            groups.setdefault(reads[key], []).append(key)
+        for keys in groups.values():  # once per tensor: the edit renames what its readers read
+            value = targets[keys[0]].node.inputs[0]
+            apply_input_scale(self.graph, value, self._consumers(value), scales[keys[0]][0])
+
+
+class Layouts:
+    """Adaptive granularity block by block: each weight's layout is the coarsest whose output error on
+    its statistics stays under ``--max-error`` (``calibrated._choices``, the whole-model rule)."""
+
+    def __init__(self, fmt, wc: WeightConfig, targets: Sequence[Target]):
+        self.fmt, self.wc = fmt, wc
+        self.scale_bits = 16 if any(t.chain.tensor.dtype == ir.DataType.FLOAT16 for t in targets) else 32
+
+    def choose(self, plan, targets: dict[tuple, Target], stats: dict[str, ActivationStats],
+               reads: dict[tuple, str]) -> None:
+        from onnxfgq.algorithms.adaptive import choose_under_budget
+        from onnxfgq.calibrated import _choices
+
+        for key, t in targets.items():
+            p = plan.weights[key]
+            w = t.weight()
+            if p.awq_scale is not None:
+                w = w * p.awq_scale[:, None]
+            pick = choose_under_budget(_choices(w, self.wc, self.fmt, stats[reads[key]],
+                                                self.scale_bits), self.wc.max_error)
+            p.spec, p.estimated_error = pick.spec, pick.error
+
+
 ERROR_COLUMNS = 128  # output columns the report's per-layer output error is measured on
 
 
@@ -541,17 +654,19 @@ def _close(executor, cleanup) -> None:
 def plan_blockwise(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, fmt, progress: Progress,
                    feeds=None, work=None):
     """A ``calibrated.Plan`` for ``targets`` whose statistics come block by block (module docstring),
-    or the reason the whole-model planner must do it instead: AWQ, adaptive or mixed layouts (they
-    choose from every layer's statistics at once), a weight shared by several blocks, or a graph that
-    does not cut into at least two blocks. With ``work`` (a checkpoint.Work) the run is checkpointed
+    or the reason the whole-model planner must do it instead: mixed layouts under --target-bits (one
+    budget over every layer's end-to-end errors), AWQ with --gptaq, a weight shared by several blocks,
+    or a graph that does not cut into at least two blocks. AWQ scales and adaptive layouts (per-layer
+    --max-error) are chosen block by block, from the same statistics as the whole-model planner's. With ``work`` (a checkpoint.Work) the run is checkpointed
     block by block in its folder, and continued from it when ``work.resume``."""
     from onnxfgq.calibrated import Plan, WeightPlan, _mask_input, open_calibration_source, weight_key
     from onnxfgq.calibration.sources import iterate
     from onnxfgq.config import Granularity
 
-    del fmt  # blocks run with float weights standing for the quantized ones: any format works
-    if "awq" in wc.algorithm.parts or wc.granularity is Granularity.ADAPTIVE or wc.target_bits > 0:
-        return "AWQ, adaptive and mixed layouts choose from every layer's statistics at once"
+    if wc.target_bits > 0:
+        return "--target-bits spends one budget over every layer's measured end-to-end errors at once"
+    if "awq" in wc.algorithm.parts and wc.gptaq:
+        return "AWQ does not combine with --gptaq"
     chain = partition(model)
     if len(chain) < 2:
         return chain.note
@@ -580,7 +695,9 @@ def plan_blockwise(model: ir.Model, targets: Sequence[Target], wc: WeightConfig,
         folder = work.cache
     else:
         folder = Path(tempfile.mkdtemp(prefix="onnxfgq-blocks-"))
-    engine = BlockEngine(chain, block_of, by_key, wc, progress, folder, _mask_input(model), work=work)
+    engine = BlockEngine(chain, block_of, by_key, wc, progress, folder, _mask_input(model), work=work,
+                         layouts=Layouts(fmt, wc, mm) if wc.granularity is Granularity.ADAPTIVE else None,
+                         awq=AWQEdits(model, mm, wc) if "awq" in wc.algorithm.parts else None)
     engine.plan = plan
     if work is not None and work.finished >= 0:
         engine.restore(plan)
@@ -590,5 +707,8 @@ def plan_blockwise(model: ir.Model, targets: Sequence[Target], wc: WeightConfig,
         batches = engine.write_feeds(iterate(open_calibration_source(model, wc, feeds)))
     plan.engine = engine
     solves = f"; solves on {engine.executor.name}" if wc.executor != "threads" else ""
-    plan.notes.append(f"calibrated block by block on {wc.calibration} ({batches} batches; {chain.note}{solves})")
+    per_block = [x for x, on in (("AWQ scales", engine.awq), ("adaptive layouts", engine.layouts)) if on is not None]
+    chosen = f"; {' and '.join(per_block)} chosen block by block" if per_block else ""
+    plan.notes.append(f"calibrated block by block on {wc.calibration} ({batches} batches; {chain.note}{solves}"
+                      f"{chosen})")
     return plan

@@ -17,7 +17,7 @@ from onnxfgq.algorithms.base import QuantSpec
 from onnxfgq.algorithms.gptq import GPTQ
 from onnxfgq.algorithms.stats import ActivationStats
 from onnxfgq.api import quantize, quantize_file
-from onnxfgq.config import Algorithm, QuantizeConfig, WeightConfig
+from onnxfgq.config import Algorithm, Granularity, QuantizeConfig, WeightConfig
 from tests.helpers import run
 
 SIZES = (64, 96, 80, 48)  # x -> W1 -> relu -> W2 -> relu -> W3
@@ -67,7 +67,10 @@ def private_tmp(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def test_each_block_is_calibrated_on_the_quantized_blocks_before_it(tmp_path, private_tmp):
+@pytest.mark.parametrize("sequential", [False, True])
+def test_each_block_is_calibrated_on_the_float_or_quantized_blocks_before_it(tmp_path, private_tmp, sequential):
+    """Default: every block's statistics from the float blocks before it (the whole-model path's);
+    --sequential: from the quantized blocks before it (GPTQ's sequential mode)."""
     model, ws = _deep_mlp()
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((16, SIZES[0])).astype(np.float32) for _ in range(4)]
@@ -76,17 +79,34 @@ def test_each_block_is_calibrated_on_the_quantized_blocks_before_it(tmp_path, pr
     for i, x in enumerate(batches):
         np.savez(data / f"{i}.npz", x=x)
     wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration=str(data), calibration_samples=64,
-                      calibration_batch_size=16, engine="blocks")
+                      calibration_batch_size=16, engine="blocks", gptq_sequential=sequential)
     res = quantize(model, QuantizeConfig(weights=wc))
     assert any("block by block" in n and "3 blocks" in n for n in res.report.notes), res.report.notes
     x = rng.standard_normal((8, SIZES[0])).astype(np.float32)
     got = run(ir.to_proto(res.model), {"x": x})[0]
-    sequential = _forward(_reference(ws, batches, sequential=True), x)
-    from_float = _forward(_reference(ws, batches, sequential=False), x)
-    scale = np.abs(sequential).max()
-    assert np.abs(got - sequential).max() <= 1e-4 * scale
-    assert np.abs(from_float - sequential).max() > 1e-2 * scale  # the two modes are told apart
+    want = _forward(_reference(ws, batches, sequential=sequential), x)
+    other = _forward(_reference(ws, batches, sequential=not sequential), x)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-4 * scale
+    assert np.abs(other - want).max() > 1e-2 * scale  # the two modes are told apart
     assert list(private_tmp.iterdir()) == []  # the activation cache is gone
+
+
+def test_blocks_engine_equals_the_whole_model_path_without_sequential(tmp_path):
+    """Without --sequential the block engine's statistics are the whole-model path's: same output."""
+    model, _ = _deep_mlp(3)
+    rng = np.random.default_rng(4)
+    data = tmp_path / "calib"
+    data.mkdir()
+    for i in range(4):
+        np.savez(data / f"{i}.npz", x=rng.standard_normal((16, SIZES[0])).astype(np.float32))
+    feed = {"x": rng.standard_normal((8, SIZES[0])).astype(np.float32)}
+    outs = {}
+    for engine in ("whole", "blocks"):
+        wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration=str(data), calibration_samples=64,
+                          calibration_batch_size=16, engine=engine)
+        outs[engine] = run(ir.to_proto(quantize(model, QuantizeConfig(weights=wc)).model), feed)[0]
+    assert np.abs(outs["blocks"] - outs["whole"]).max() <= 1e-5 * np.abs(outs["whole"]).max()
 
 
 def test_opt_decoder_blockwise_tracks_fp32_as_well_as_whole_model(opt_tiny_dir, private_tmp):
@@ -107,11 +127,39 @@ def test_opt_decoder_blockwise_tracks_fp32_as_well_as_whole_model(opt_tiny_dir, 
     assert list(private_tmp.iterdir()) == []
 
 
-def test_awq_with_blocks_engine_says_it_uses_the_whole_model(opt_tiny_dir):
-    wc = WeightConfig(algorithm=Algorithm("awq+gptq"), block_size=32, calibration="random", calibration_samples=8,
-                      calibration_batch_size=8, engine="blocks")
+@pytest.mark.parametrize("kw", [dict(algorithm=Algorithm("awq+gptq+clip")),
+                                dict(algorithm=Algorithm.GPTQ, granularity=Granularity.ADAPTIVE, max_error=0.01)],
+                         ids=["awq", "adaptive"])
+def test_awq_and_adaptive_layouts_block_by_block_equal_the_whole_model(opt_tiny_dir, private_tmp, kw):
+    """AWQ scales (with their graph edits) and adaptive layouts chosen block by block, from the
+    statistics the whole-model planner sees: the same model to float rounding."""
+    path = opt_tiny_dir / "model.onnx"
+    ids = np.random.default_rng(0).integers(0, 256, (4, 24))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    outs, reports = {}, {}
+    for engine in ("whole", "blocks"):
+        wc = WeightConfig(block_size=32, calibration="random", calibration_samples=16, calibration_batch_size=8,
+                          engine=engine, **kw)
+        res = quantize(path, QuantizeConfig(weights=wc))
+        outs[engine], reports[engine] = run(ir.to_proto(res.model), feed)[0], res.report
+    assert any("chosen block by block" in n for n in reports["blocks"].notes), reports["blocks"].notes
+    layers = {e: [(la.name, la.block, la.detail.split(" (")[0]) for la in r.layers if la.status == "quantized"]
+              for e, r in reports.items()}
+    assert layers["blocks"] == layers["whole"]
+    if "awq" in kw["algorithm"].parts:
+        assert sum("awq alpha" in d for _, _, d in layers["blocks"]) >= 4, layers["blocks"]
+    else:
+        assert len({b for _, b, _ in layers["blocks"]}) >= 2, layers["blocks"]  # layouts differ per layer
+    ref = run(str(path), feed)[0]
+    assert np.abs(outs["blocks"] - outs["whole"]).max() <= 1e-4 * np.abs(ref).max()
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_target_bits_with_blocks_engine_says_it_uses_the_whole_model(opt_tiny_dir):
+    wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration="random", calibration_samples=8,
+                      calibration_batch_size=8, engine="blocks", target_bits=6.0)
     res = quantize(opt_tiny_dir / "model.onnx", QuantizeConfig(weights=wc))
-    assert any(n.startswith("--engine blocks: AWQ") for n in res.report.notes), res.report.notes
+    assert any(n.startswith("--engine blocks: --target-bits") for n in res.report.notes), res.report.notes
 
 
 def test_generated_llama_quantizes_block_by_block(tmp_path, private_tmp):

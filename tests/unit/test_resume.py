@@ -34,9 +34,9 @@ def llama(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("resume") / "llama", layers=2, hidden=64, ffn=160, vocab=300, heads=4)
 
 
-def _killed_at(model: Path, out: Path, point: str, sig: int) -> subprocess.CompletedProcess:
+def _killed_at(model: Path, out: Path, point: str, sig: int, flags: list[str] = FLAGS) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ONNXFGQ_TEST_PAUSE_AT": point}
-    proc = subprocess.Popen([sys.executable, "-m", "onnxfgq.cli", "quantize", str(model), "-o", str(out), *FLAGS],
+    proc = subprocess.Popen([sys.executable, "-m", "onnxfgq.cli", "quantize", str(model), "-o", str(out), *flags],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:  # log lines may come first; the pause point says when to strike
@@ -90,6 +90,25 @@ def test_killed_run_resumes_to_the_same_bytes(llama, tmp_path, sig):
         assert leftovers == ["q.onnx", "q.onnx.data"]  # work folder removed, no staging folder left
     else:  # SIGKILL runs no cleanup: only the killed run's hidden staging folder stays behind
         assert [p for p in leftovers if not p.startswith(".onnxfgq-")] == ["q.onnx", "q.onnx.data"]
+
+
+def test_awq_sequential_run_resumes_to_the_same_bytes(llama, tmp_path):
+    """AWQ block by block edits the output graph: a resumed run redoes the finished blocks' edits from
+    the work folder (their scales), and later blocks read the quantized blocks' outputs (--sequential)."""
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "run").mkdir()
+    reference = tmp_path / "ref" / "q.onnx"
+    report = quantize_file(llama, reference, _config(algorithm=Algorithm("awq+gptq"), gptq_sequential=True))
+    assert sum("awq alpha" in (la.detail or "") for la in report.layers) >= 4
+    flags = [*FLAGS, "--algo", "awq+gptq", "--sequential"]
+    out = tmp_path / "run" / "q.onnx"
+    r = _killed_at(llama, out, "block2", signal.SIGTERM, flags)
+    assert r.returncode == 143, r.stderr
+    done = cli("quantize", llama, "-o", out, *flags, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "--resume: 3 of 5 blocks read back" in done.stdout
+    for name in ("q.onnx", "q.onnx.data"):
+        assert (out.parent / name).read_bytes() == (reference.parent / name).read_bytes(), name
 
 
 def test_resume_refuses_other_settings_other_input_and_no_folder(llama, tmp_path, monkeypatch):
