@@ -127,7 +127,10 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     config.validate()
     sanity.check(ir_model)
     started = time.perf_counter()
+    config, engine_note = _resolve_engine(config, ir_model)
     report = Report(config=_plain(config))
+    if engine_note:
+        report.notes.append(engine_note)
     report.notes += sanity.normalize(ir_model)
     if config.simplify is Simplify.ALWAYS or (
         config.simplify is Simplify.AUTO and has_foldable_weights(ir_model.graph, config.selection.op_types)
@@ -330,7 +333,7 @@ def quantize_file(
         from onnxfgq import ops
 
         ops.library_path()
-    work = _work_folder(input_files, output_path, config, resume, work_dir)
+    work = _work_folder(input_files, output_path, config, resume, work_dir, source)
     if external is None and len(input_files) > 1:
         external = True
     # An output with external data is streamed: each quantized tensor goes to a spool file beside the
@@ -361,12 +364,27 @@ def quantize_file(
     return report
 
 
+def _resolve_engine(config: QuantizeConfig, model: ir.Model) -> tuple[QuantizeConfig, str]:
+    """``config`` with ``--engine auto`` decided for ``model`` (calibrated runs), and a note saying so."""
+    wc = config.weights
+    if wc.engine != "auto":
+        return config, ""
+    engine = wc.resolved_engine(io.weight_bytes(model))
+    config = dataclasses.replace(config, weights=dataclasses.replace(wc, engine=engine))
+    if not (wc.calibration and needs_plan(wc)):
+        return config, ""
+    size = io.weight_bytes(model) / 2**30
+    why = "--gptaq needs it" if wc.gptaq else f"{size:.1f} GiB of weights, {'over' if engine == 'blocks' else 'within'} 2 GiB"
+    return config, f"--engine auto: calibrated {'block by block' if engine == 'blocks' else 'on the whole model'} ({why})"
+
+
 def _work_folder(input_files: list[Path], output_path: Path, config: QuantizeConfig, resume: bool,
-                 work_dir: str | os.PathLike | None):
+                 work_dir: str | os.PathLike | None, model: ir.Model):
     """The checkpoint folder of a resumable run (calibrated, --engine blocks), checked now."""
     from onnxfgq.config import ConfigError
     from onnxfgq.engine.checkpoint import Work, identity_of, work_folder_for
 
+    config, _ = _resolve_engine(config, model)
     wc = config.weights
     if not (wc.engine == "blocks" and wc.calibration and needs_plan(wc)):
         if resume:

@@ -21,7 +21,8 @@ class ConfigError(ValueError):
         self.option = option
 
 
-ENGINES = ("whole", "blocks")  # how calibration runs the model (WeightConfig.engine)
+ENGINES = ("auto", "whole", "blocks")
+AUTO_BLOCKS_BYTES = 2 << 30  # engine "auto": block by block above this much weight, whole model below
 EXECUTORS = ("threads", "ray")  # where --engine blocks solves a block's weights (WeightConfig.executor)
 
 
@@ -95,7 +96,7 @@ class WeightConfig:
     gptq_sequential: bool = False  # re-collect later inputs from the partly quantized model (slower)
     gptaq: bool = False  # --engine blocks: aim GPTQ at the float model's output (asymmetric calibration)
     gptaq_alpha: float | None = None  # how far (0..1) towards that target; None = per layer, on held-out rows
-    engine: str = "whole"  # calibration runs: "whole" model at once, or "blocks" (onnxfgq/engine)
+    engine: str = "auto"  # calibration runs: "whole" model at once, "blocks" (onnxfgq/engine), or "auto"
     executor: str = "threads"  # --engine blocks: where a block's solves run ("threads" or "ray"; same output)
     max_error: float = 0.01  # adaptive: per-layer relative error budget (output error with calibration)
     target_bits: float = 0.0  # > 0: per-layer bit width (and block, if adaptive) under this average
@@ -112,6 +113,13 @@ class WeightConfig:
             return tuple(1 if i == channel_axis else d for i, d in enumerate(shape))
         # GROUP; ADAPTIVE starts from block_size and the planner replaces it per weight
         return tuple(min(self.block_size, d) if i == reduced_axis else 1 for i, d in enumerate(shape))
+
+    def resolved_engine(self, weight_bytes: int) -> str:
+        """``engine`` with "auto" decided: block by block for models over AUTO_BLOCKS_BYTES of weights
+        (or with --gptaq, which needs it), else the whole model; both give the same statistics."""
+        if self.engine != "auto":
+            return self.engine
+        return "blocks" if self.gptaq or weight_bytes > AUTO_BLOCKS_BYTES else "whole"
 
     def validate(self) -> None:
         if self.bits not in CUSTOM_BITS:
@@ -132,7 +140,7 @@ class WeightConfig:
             raise ConfigError("--gptq-damp", f"must be in (0, 1), got {self.gptq_damp}")
         if self.gptaq_alpha is not None and not 0.0 <= self.gptaq_alpha <= 1.0:
             raise ConfigError("--gptaq-alpha", f"must be in [0, 1], got {self.gptaq_alpha}")
-        if self.gptaq and ("gptq" not in self.algorithm.parts or self.engine != "blocks"):
+        if self.gptaq and ("gptq" not in self.algorithm.parts or self.engine == "whole"):
             raise ConfigError("--gptaq", "asymmetric calibration needs a GPTQ algorithm and --engine blocks "
                                          "(the float model's inputs are kept beside the quantized blocks' there)")
         if self.engine not in ENGINES:

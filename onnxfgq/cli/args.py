@@ -137,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gptaq-alpha", type=float, default=_W.gptaq_alpha, metavar="ALPHA",
                    help="--gptaq: how far towards the float model's output, 0 (plain GPTQ) .. 1 (the full "
                         "least-squares target); default: chosen per layer on held-out calibration batches")
-    c.add_argument("--engine", choices=["whole", "blocks"], default=_W.engine,
+    c.add_argument("--engine", choices=["auto", "whole", "blocks"], default=_W.engine,
                    help="calibration: run the whole model at once, or block by block (the graph cut at its "
-                        "residual stream; each block calibrated on the quantized blocks' outputs, memory "
-                        "bounded by one block)")
+                        "residual stream, each block run alone over cached activations: memory bounded by one "
+                        "block, same statistics); auto: blocks above 2 GiB of weights or with --gptaq")
     c.add_argument("--resume", action="store_true",
                    help="--engine blocks: continue an interrupted run from its work folder OUT.onnxfgq-work "
                         "(each finished block is checkpointed there; same output bytes as an uninterrupted run)")

@@ -229,3 +229,29 @@ def test_plain_progress_lines_are_periodic_with_an_estimate():
     list(plain_progress(range(2), 2, "block 2/9 statistics", stream=steps, clock=lambda: 0.0))
     assert quick.getvalue() == ""  # a short run stays quiet
     assert steps.getvalue() == "onnxfgq: block 2/9 statistics: 2 done in 0.0 s\n"
+
+
+def test_engine_auto_goes_block_by_block_above_the_threshold(tmp_path, monkeypatch):
+    """--engine auto (the default): the whole model for small models, blocks above AUTO_BLOCKS_BYTES
+    (here lowered to the test model's size) or with --gptaq; the report says which and why."""
+    import onnxfgq.config as config_module
+
+    model, _ = _deep_mlp(5)
+    data = tmp_path / "calib"
+    data.mkdir()
+    rng = np.random.default_rng(6)
+    for i in range(2):
+        np.savez(data / f"{i}.npz", x=rng.standard_normal((16, SIZES[0])).astype(np.float32))
+    wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration=str(data), calibration_samples=32,
+                      calibration_batch_size=16)
+    assert wc.engine == "auto"
+    small = quantize(model, QuantizeConfig(weights=wc)).report
+    assert "--engine auto: calibrated on the whole model" in " ".join(small.notes)
+    assert small.config["weights"]["engine"] == "whole"
+    monkeypatch.setattr(config_module, "AUTO_BLOCKS_BYTES", 1000)
+    big = quantize(model, QuantizeConfig(weights=wc)).report
+    assert "--engine auto: calibrated block by block" in " ".join(big.notes), big.notes
+    assert any("block by block on" in n for n in big.notes) and big.config["weights"]["engine"] == "blocks"
+    monkeypatch.setattr(config_module, "AUTO_BLOCKS_BYTES", 1 << 40)
+    assert WeightConfig(algorithm=Algorithm.GPTQ, gptaq=True).resolved_engine(0) == "blocks"
+    assert WeightConfig(engine="whole").resolved_engine(1 << 50) == "whole"
