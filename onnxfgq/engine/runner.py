@@ -282,6 +282,7 @@ class BlockEngine:
         # later blocks read what the quantized blocks produce (--sequential; --gptaq pairs both paths)
         self.sequential = wc.gptq_sequential or wc.gptaq
         self.float_done: set[int] = set()  # blocks whose float-path outputs are in the cache
+        self.ahead_done: set[int] = set()  # blocks whose outputs were cached by their statistics run
         self.layouts, self.awq = layouts, awq  # per-layer choices made from a block's statistics
         self.pending_awq: dict[int, dict[tuple, tuple]] = {}  # resumed: block -> its weights' AWQ scales
         # the tensor each weight reads, as the blocks name it (an AWQ edit renames it in the output graph)
@@ -421,8 +422,11 @@ class BlockEngine:
         """``names``' statistics over the cached batches, the block's weights replaced by ``weights``;
         with ``--gptaq`` paired with the float path (whose outputs are cached on the first call)."""
         inner = [n for n in names if n not in block.inputs]  # the rest are read from the cache
-        model, weight_feed = _with_outputs(block, inner, weights) if inner else (None, {})
-        sess = session(model) if inner else None
+        # on the float path the same run also gives the next blocks' inputs (``_advance`` skips its run)
+        ahead = self._needed(block) if not self.sequential and not weights else []
+        fetch = list(dict.fromkeys(inner + ahead))
+        model, weight_feed = _with_outputs(block, fetch, weights) if fetch else (None, {})
+        sess = session(model) if fetch else None
         del model
         # the float path: the block as it is on the float inputs, its outputs cached for later blocks
         outs = self._needed(block) if block.index not in self.float_done else []
@@ -433,7 +437,9 @@ class BlockEngine:
         for i in self.progress(range(self.cache.batches), self.cache.batches, label):
             mask = self._mask(i)
             feed = self._feed(block, i)
-            values = dict(zip(inner, sess.run(inner, {**feed, **weight_feed}))) if sess is not None else {}
+            values = dict(zip(fetch, sess.run(fetch, {**feed, **weight_feed}))) if sess is not None else {}
+            for name in ahead:
+                self.cache.put(name, i, values[name])
             fvalues = {}
             if self.paired:
                 ffeed = self._float_feed(block, i)
@@ -446,6 +452,8 @@ class BlockEngine:
         del sess, fsess
         if self.paired:
             self.float_done.add(block.index)
+        if ahead:
+            self.ahead_done.add(block.index)
         return stats
 
     def _solve(self, plan, block: Block, keys: list[tuple], stats: dict[str, ActivationStats]) -> None:
@@ -499,7 +507,7 @@ class BlockEngine:
         if block.index <= self.finished:
             return
         weights = self._node_weights({key: w for key, w in self.effective.items() if self.block_of[key] == block.index})
-        needed = self._needed(block)
+        needed = self._needed(block) if block.index not in self.ahead_done else []
         if needed:
             model, weight_feed = _with_weights(block, weights) if weights else (block.model, {})
             sess = session(model)
