@@ -8,6 +8,9 @@ undoes part of the error accumulated before it.
 
 With ``H = X~^T X~ / n`` and the cross Gram ``C = X~^T X / n`` that objective is, up to a constant,
 ``(Q - W*)^T H (Q - W*)`` with ``W* = W + H^-1 (C - H) W`` (the unconstrained least-squares answer).
+``C - H = X~^T (X - X~) / n`` is accumulated as that product of the inputs' *difference*: a small
+difference of two large Gram matrices accumulated separately in float32 is mostly rounding noise
+where the paths are close (37% of its size at a 1e-5 perturbation), which ``H^-1`` then amplifies.
 So GPTAQ is GPTQ (same Hessian, same row order, same OBS updates, same scale refit) run on the
 target ``W*``: every step keeps the rows not yet quantized at their exact conditional optimum of the
 asymmetric objective. The inverse is damped like GPTQ's (``H + damp * mean(diag H) * I``, a ridge that
@@ -28,16 +31,17 @@ from onnxfgq.algorithms.stats import ActivationStats
 
 
 class PairedStats(ActivationStats):
-    """``ActivationStats`` of the quantized path's inputs ``X~`` plus the cross Gram ``X~^T X`` with the
-    float model's inputs ``X`` for the same rows (same tokens, same weights)."""
+    """``ActivationStats`` of the quantized path's inputs ``X~`` plus the shift ``X~^T (X - X~)`` towards
+    the float model's inputs ``X`` for the same rows (same tokens, same weights); the cross Gram
+    ``X~^T X`` is the Gram matrix plus the shift."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.cross: np.ndarray | None = None  # float64 [K, K], sum of x~ x^T over rows
-        # the odd-numbered batches' share of gram / cross / rows: two halves of the data, to choose how
+        self.shift: np.ndarray | None = None  # float64 [K, K], sum of x~ (x - x~)^T over rows
+        # the odd-numbered batches' share of gram / shift / rows: two halves of the data, to choose how
         # far to move towards the target on rows it was not fitted on (``held_out_alpha``)
         self.odd = ActivationStats()
-        self.odd_cross: np.ndarray | None = None
+        self.odd_shift: np.ndarray | None = None
         self.pairs = 0
 
     def update_pair(self, x_quant: np.ndarray, x_float: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -46,19 +50,20 @@ class PairedStats(ActivationStats):
         if xq.shape != xf.shape:
             raise ValueError(f"paired inputs differ in shape: {xq.shape} vs {xf.shape}")
         self.update(xq, weights)
-        if self.cross is None:
-            self.cross = np.zeros((xq.shape[1],) * 2, np.float64)
-            self.odd_cross = np.zeros_like(self.cross)
-        # as ActivationStats.update: each side scaled to max |x| = 1 for the float32 product
-        mq, mf = (_peak(x) for x in (xq, xf))
-        a, b = xq / np.float32(mq), xf / np.float32(mf)
+        if self.shift is None:
+            self.shift = np.zeros((xq.shape[1],) * 2, np.float64)
+            self.odd_shift = np.zeros_like(self.shift)
+        # each side scaled to max |x| = 1 for the float32 product (no overflow at any scale)
+        diff = xf - xq
+        mq, md = (_peak(x) for x in (xq, diff))
+        a, b = xq / np.float32(mq), diff / np.float32(md)
         if weights is not None:
             a = a * np.asarray(weights, np.float32).reshape(-1, 1)
-        cross = (a.T @ b).astype(np.float64) * (mq * mf)
-        self.cross += cross
+        shift = (a.T @ b).astype(np.float64) * (mq * md)
+        self.shift += shift
         if self.pairs % 2:
             self.odd.update(xq, weights)
-            self.odd_cross += cross
+            self.odd_shift += shift
         self.pairs += 1
         self.cache.clear()
 
@@ -66,20 +71,24 @@ class PairedStats(ActivationStats):
         """A float64 copy: the corrections and the held-out alpha read the float64 Gram matrix later."""
         return self.gram.copy()
 
-    def cross_hessian(self) -> np.ndarray:
-        """``X~^T X / rows`` (float64)."""
-        if self.cross is None or self.rows == 0:
+    def shift_hessian(self) -> np.ndarray:
+        """``C - H = X~^T (X - X~) / rows`` (float64)."""
+        if self.shift is None or self.rows == 0:
             raise ValueError("no paired activations were observed")
-        return self.cross / self.rows
+        return self.shift / self.rows
+
+    def cross_hessian(self) -> np.ndarray:
+        """``C = X~^T X / rows`` (float64)."""
+        return self.hessian() + self.shift_hessian()
 
     def halves(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(H, C)`` of the even- and of the odd-numbered batches (empty with fewer than two batches)."""
+        """``(H, C - H)`` of the even- and of the odd-numbered batches (empty with fewer than two batches)."""
         odd_rows = self.odd.rows
         even_rows = self.rows - odd_rows
         if odd_rows <= 0 or even_rows <= 0:
             return []
-        og, oc = self.odd.gram, self.odd_cross
-        return [((self.gram - og) / even_rows, (self.cross - oc) / even_rows), (og / odd_rows, oc / odd_rows)]
+        og, os_ = self.odd.gram, self.odd_shift
+        return [((self.gram - og) / even_rows, (self.shift - os_) / even_rows), (og / odd_rows, os_ / odd_rows)]
 
 
 def _peak(x: np.ndarray) -> float:
@@ -87,8 +96,9 @@ def _peak(x: np.ndarray) -> float:
     return m if np.isfinite(m) and m > 0 else 1.0
 
 
-def asymmetric_correction(h: np.ndarray, cross: np.ndarray, damp: float) -> np.ndarray:
-    """``M = (H + damp * mean(diag H) * I)^-1 (C - H)`` (float64 ``[K, K]``): ``W* = W + M W``.
+def asymmetric_correction(h: np.ndarray, shift: np.ndarray, damp: float) -> np.ndarray:
+    """``M = (H + damp * mean(diag H) * I)^-1 (C - H)`` (float64 ``[K, K]``) from ``H`` and
+    ``shift = C - H``: ``W* = W + M W``.
     One per input tensor (q, k and v share it). Channels that never fire on the quantized path
     (``H_kk == 0``) get no correction: nothing in ``X~`` can carry it."""
     from scipy.linalg import cho_factor, cho_solve
@@ -99,7 +109,7 @@ def asymmetric_correction(h: np.ndarray, cross: np.ndarray, damp: float) -> np.n
     lam = damp * (float(np.mean(np.diag(h))) or 1.0)
     a = h.copy()
     a.flat[::k + 1] += lam
-    rhs = np.asarray(cross, np.float64) - h
+    rhs = np.array(shift, np.float64)
     rhs[dead, :] = 0.0
     m = cho_solve(cho_factor(a, lower=False, check_finite=False), rhs, check_finite=False)
     m[dead, :] = 0.0
@@ -120,7 +130,7 @@ class GPTAQ(GPTQ):
 
     def _usable(self) -> bool:
         st = self.stats
-        return self.alpha != 0 and getattr(st, "cross", None) is not None and st.rows >= st.k
+        return self.alpha != 0 and getattr(st, "shift", None) is not None and st.rows >= st.k
 
     def _correction(self) -> np.ndarray | None:
         """``M`` (float32), cached; computed from the float64 statistics, so before GPTQ's factorisation
@@ -128,16 +138,16 @@ class GPTAQ(GPTQ):
         st = self.stats
         key = ("gptaq", self.damp)
         if key not in st.cache:
-            h, c = st.hessian(), st.cross_hessian()
-            ok = np.all(np.isfinite(h)) and np.all(np.isfinite(c))
-            st.cache[key] = asymmetric_correction(h, c, self.damp).astype(np.float32) if ok else None
+            h, s = st.hessian(), st.shift_hessian()
+            ok = np.all(np.isfinite(h)) and np.all(np.isfinite(s))
+            st.cache[key] = asymmetric_correction(h, s, self.damp).astype(np.float32) if ok else None
         return st.cache[key]
 
     def _half_corrections(self) -> list[np.ndarray]:
         st = self.stats
         key = ("gptaq-halves", self.damp)
         if key not in st.cache:
-            st.cache[key] = [asymmetric_correction(h, c, self.damp).astype(np.float32) for h, c in st.halves()]
+            st.cache[key] = [asymmetric_correction(h, s, self.damp).astype(np.float32) for h, s in st.halves()]
         return st.cache[key]
 
     def warm(self) -> None:
@@ -164,9 +174,9 @@ class GPTAQ(GPTQ):
             return 0.0
         w = np.asarray(w, np.float32)
         num = den = 0.0
-        for m, (h, c) in zip(self._half_corrections(), reversed(halves)):
+        for m, (h, s) in zip(self._half_corrections(), reversed(halves)):
             d = (m @ w).astype(np.float64)
-            num += float(np.sum(d * ((c - h) @ w)))
+            num += float(np.sum(d * (s @ w)))
             den += float(np.sum(d * (h @ d)))
         return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0
 

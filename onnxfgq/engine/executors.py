@@ -6,8 +6,10 @@ group is ``solve_group(wc, stats, items)``, a pure function of its arguments. Gr
 parallel, and the results are taken back in the block's weight order, so the output does not depend
 on which group finishes first. Every solve runs with one BLAS thread (``SOLVE_BLAS_THREADS``): OpenBLAS
 splits some products differently for other thread counts, which changed GPTQ codes here (1 vs 2
-threads); pinned, the output is the same on every executor and every machine's core count, and the
-parallelism comes from solving groups at once.
+threads); pinned, the solves give the same codes on every executor and with any number of solve
+threads, and the parallelism comes from solving groups at once. (The statistics they read are
+accumulated with the process's BLAS threads: a machine with another thread count can round those sums
+differently, and GPTQ's codes can follow.)
 """
 
 from __future__ import annotations
