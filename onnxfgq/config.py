@@ -196,9 +196,9 @@ class Selection:
     exclude: tuple[str, ...] = ()
     min_elements: int = 1024  # weights with fewer elements stay float
     quantize_embeddings: bool = False
-    # auto (docs/BENCHMARKS.md, "LLM speed defaults"): 8 bits lifts the test LLM's top-1 agreement 0.891 ->
-    # 0.922 for +7% size at no speed cost with accuracy_level 4, but at level 0 an 8-bit MatMulNBits runs a
-    # slow path (decode 0.2x FP32 at 123M), so there it stays at the configured bits.
+    # auto = like the rest (docs/BENCHMARKS.md, issue 9 stop 18): 8 bits lifts the test LLM's top-1 agreement
+    # 0.891 -> 0.922 for +7% size, but decoded 0.86-0.96x the builder's int4 with accuracy_level 4 on a quiet
+    # machine (4 bits: 0.92-1.18x), and at level 0 an 8-bit MatMulNBits runs a slow path (0.2x FP32 at 123M).
     lm_head: LMHead = LMHead.AUTO
 
 

@@ -98,9 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize Gather tables (GatherBlockQuantized / DequantizeLinear)")
     q.add_argument("--lm-head", choices=[m.value for m in LMHead], default=_S.lm_head.value,
                    help="a language model's output projection (found by role, whatever its name): quantized "
-                        "like the rest (same), at 8 bits (8), left in float (float), or auto: 8 bits with "
-                        f"--target cpu, else same (an 8-bit MatMulNBits is slow at accuracy_level 0); "
-                        f"default {_S.lm_head.value}")
+                        "like the rest (same), at 8 bits (8: more accurate, about 10%% slower decoding), left "
+                        f"in float (float), or auto (like the rest); default {_S.lm_head.value}")
     q.add_argument("--simplify", choices=[v.value for v in Simplify], default=QuantizeConfig().simplify.value,
                    help="onnxsim first: auto runs it only when a weight is computed from constants")
     q.add_argument("--rotate", action="store_true", default=QuantizeConfig().rotate,

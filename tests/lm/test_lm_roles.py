@@ -113,9 +113,11 @@ def test_lm_head_modes_on_dynamo_export(dynamo_export, mode, head_op, head_bits)
     assert others and all(n.attributes.get_int("bits") == 4 for n in others)
 
 
-@pytest.mark.parametrize("flags, head_bits", [((), 4), (("--target", "cpu"), 8), (("--lm-head", "8"), 8)])
+@pytest.mark.parametrize("flags, head_bits", [((), 4), (("--target", "cpu"), 4), (("--lm-head", "8"), 8),
+                                               (("--target", "cpu", "--lm-head", "8"), 8)])
 def test_lm_head_auto_default(legacy_export, flags, head_bits):
-    """auto: 8 bits where an 8-bit MatMulNBits is fast (accuracy_level 4), else like the rest."""
+    """auto: like the rest, also with --target cpu (the builder's all-4-bit format decodes fastest);
+    8 bits only when asked."""
     from onnxfgq.cli import build_parser, config_from_args
 
     config = config_from_args(build_parser().parse_args(["quantize", "m.onnx", *flags]))
