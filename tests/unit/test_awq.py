@@ -78,6 +78,29 @@ def test_search_never_worse_than_rtn_and_helps_salient_channels():
     assert found.scale[:6].min() > np.median(found.scale)
 
 
+def test_sampled_search_of_a_wide_problem_finds_an_alpha_as_good_as_the_exact_one(monkeypatch):
+    """Above EXACT_FLOPS the search measures a sample of output columns; the alpha it picks, measured
+    exactly, is within 5% of the exact search's best error."""
+    import onnxfgq.algorithms.awq as awq
+
+    rng = np.random.default_rng(2)
+    k = 256
+    x = rng.standard_normal((2048, k)).astype(np.float32)
+    x[:, :8] *= 25.0
+    st = ActivationStats()
+    st.update(x)
+    ws = [rng.standard_normal((k, 1024)).astype(np.float32) for _ in range(2)]
+    specs = [QuantSpec(4, (64, 1), False)] * 2
+    exact = search_scale(ws, specs, st)
+    monkeypatch.setattr(awq, "EXACT_FLOPS", 0)
+    monkeypatch.setattr(awq, "SAMPLED_COLUMNS", 64)
+    sampled = search_scale(ws, specs, st)
+    monkeypatch.setattr(awq, "EXACT_FLOPS", 1 << 60)
+    at_sampled = search_scale(ws, specs, st, alphas=[sampled.alpha])
+    assert sampled.alpha > 0 and at_sampled.error <= 1.05 * exact.error, (sampled.alpha, exact.alpha)
+    assert abs(sampled.rtn_error - exact.rtn_error) <= 0.2 * exact.rtn_error  # the sample estimates it
+
+
 def test_awq_end_to_end_on_mlp(tmp_path):
     from onnxfgq.api import quantize
     from onnxfgq.config import Algorithm, OutputFormat, QuantizeConfig, WeightConfig
