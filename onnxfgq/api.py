@@ -373,8 +373,9 @@ def _resolve_engine(config: QuantizeConfig, model: ir.Model) -> tuple[QuantizeCo
     config = dataclasses.replace(config, weights=dataclasses.replace(wc, engine=engine))
     if not (wc.calibration and needs_plan(wc)):
         return config, ""
-    size = io.weight_bytes(model) / 2**30
-    why = "--gptaq needs it" if wc.gptaq else f"{size:.1f} GiB of weights, {'over' if engine == 'blocks' else 'within'} 2 GiB"
+    n = io.weight_bytes(model)
+    size = f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    why = "--gptaq needs it" if wc.gptaq else f"{size} of weights, {'over' if engine == 'blocks' else 'within'} 2 GiB"
     return config, f"--engine auto: calibrated {'block by block' if engine == 'blocks' else 'on the whole model'} ({why})"
 
 
