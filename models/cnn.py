@@ -183,18 +183,23 @@ def export_classifier(net, path: Path, image_size: int, opset: int, held: tuple[
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("build/cnn"))
-    ap.add_argument("--opset", type=int, default=13)
+def export_main(doc: str, export_fn, heldout_fn, out: Path, opset: int) -> None:
+    """A classifier module's command line: export it (``--out``, ``--opset``), print held-out accuracy."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--opset", type=int, default=opset)
     args = ap.parse_args()
-    path = export(args.out, args.opset)
-    x, y = heldout()
+    path = export_fn(args.out, args.opset)
+    x, y = heldout_fn()
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     acc = float((sess.run(None, {INPUT_NAME: x})[0].argmax(1) == y).mean())
     print(f"exported {path}; held-out accuracy {acc:.3f} on {len(y)} digits")
+
+
+def main() -> None:
+    export_main(__doc__, export, heldout, Path("build/cnn"), 13)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ Training is deterministic, takes well under a minute on 2 CPU cores and is cache
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from models.cnn import export_classifier, train_cached  # the same training loop and file layout
+from models.cnn import export_classifier, export_main, train_cached  # the same training loop and file layout
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -125,17 +124,7 @@ def export(out_dir: str | Path = Path("build/mobilenet"), opset: int = OPSET) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("build/mobilenet"))
-    ap.add_argument("--opset", type=int, default=OPSET)
-    args = ap.parse_args()
-    path = export(args.out, args.opset)
-    x, y = heldout()
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    acc = float((sess.run(None, {INPUT_NAME: x})[0].argmax(1) == y).mean())
-    print(f"exported {path}; held-out accuracy {acc:.3f} on {len(y)} digits")
+    export_main(__doc__, export, heldout, Path("build/mobilenet"), OPSET)
 
 
 if __name__ == "__main__":

@@ -369,11 +369,11 @@ def _resolve_engine(config: QuantizeConfig, model: ir.Model) -> tuple[QuantizeCo
     wc = config.weights
     if wc.engine != "auto":
         return config, ""
-    engine = wc.resolved_engine(io.weight_bytes(model))
+    n = io.weight_bytes(model)
+    engine = wc.resolved_engine(n)
     config = dataclasses.replace(config, weights=dataclasses.replace(wc, engine=engine))
     if not (wc.calibration and needs_plan(wc)):
         return config, ""
-    n = io.weight_bytes(model)
     size = f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
     why = "--gptaq needs it" if wc.gptaq else f"{size} of weights, {'over' if engine == 'blocks' else 'within'} 2 GiB"
     return config, f"--engine auto: calibrated {'block by block' if engine == 'blocks' else 'on the whole model'} ({why})"

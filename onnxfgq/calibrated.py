@@ -285,8 +285,6 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
     """Statistics, AWQ graph edits and per-weight decisions for the MatMul/Gemm ``targets``;
     ``feeds`` (--dim, --tokenizer, the model's folder) reaches every calibration source; ``work``
     (engine/checkpoint.Work) makes an ``--engine blocks`` run resumable."""
-    from onnxfgq.graph.awq_fold import apply_input_scale
-
     if wc.engine == "blocks" and wc.calibration:  # block by block (onnxfgq/engine), where it applies
         from onnxfgq.engine.runner import plan_blockwise
 
@@ -338,14 +336,11 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
                 groups.setdefault(t.node.inputs[0].name, []).append(key)
         for name, keys in progress(list(groups.items()), len(groups), "awq"):
             st = stats[name]
-            ws = [by_key[k].weight() for k in keys]
-            specs = [QuantSpec(wc.bits, wc.block_shape(w.shape, 0, 1), wc.symmetric) for w in ws]
-            found = search_scale(ws, specs, st)
-            if found.alpha == 0.0:
+            specs = [QuantSpec(wc.bits, wc.block_shape(by_key[k].shape_kn, 0, 1), wc.symmetric) for k in keys]
+            applied = awq_for_input(model.graph, mm, [by_key[k] for k in keys], specs, st)
+            if applied is None:
                 continue
-            value = by_key[keys[0]].node.inputs[0]
-            consumers = [t.node for t in mm if t.node.inputs[0] is value]
-            note = apply_input_scale(model.graph, value, consumers, found.scale)
+            found, note = applied
             scaled = st.scaled(found.scale)
             for k in keys:
                 awq_scale[k] = found.scale
@@ -390,6 +385,23 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
             if plan.sequential is not None:
                 plan.sequential.feeds = feeds
     return plan
+
+
+def awq_for_input(graph: ir.Graph, targets: Sequence[Target], readers: Sequence[Target], specs: Sequence[QuantSpec],
+                  stats: ActivationStats):
+    """AWQ for the weights ``readers`` that read one tensor: the scale searched on its ``stats``, and, if
+    it is not the identity (alpha 0), ``x / s`` made in ``graph`` for every target reading the tensor.
+    Returns (AWQScale, what the graph edit did), or None. Both planners (whole model, block by block)."""
+    from onnxfgq.graph.awq_fold import apply_input_scale
+
+    ws = [t.weight() for t in readers]
+    found = search_scale(ws, specs, stats)
+    del ws
+    if found.alpha == 0.0:
+        return None
+    value = readers[0].node.inputs[0]
+    consumers = [t.node for t in targets if t.node.inputs[0] is value]
+    return found, apply_input_scale(graph, value, consumers, found.scale)
 
 
 PROBE_SAMPLES = 16  # calibration samples each sensitivity probe runs on

@@ -120,3 +120,11 @@ def write_large_model(path: Path, *, k: int = 8192, n: int = 24576, layers: int 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path.write_bytes(model.SerializeToString())
     return offset
+
+
+def write_npz_batches(folder: Path, batches, name: str = "x") -> Path:
+    """A calibration folder: one ``i.npz`` per batch, holding input ``name``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(batches):
+        np.savez(folder / f"{i}.npz", **{name: x})
+    return folder

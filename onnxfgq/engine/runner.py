@@ -572,27 +572,21 @@ class AWQEdits:
     def __init__(self, model: ir.Model, targets: Sequence[Target], wc: WeightConfig):
         self.graph, self.targets, self.wc = model.graph, list(targets), wc
 
-    def _consumers(self, value: ir.Value) -> list[ir.Node]:
-        return [t.node for t in self.targets if t.node.inputs[0] is value]
-
     def apply(self, plan, targets: dict[tuple, Target], stats: dict[str, ActivationStats],
               reads: dict[tuple, str]) -> None:
         """Scales for ``targets`` (the weights of one stage of a block), from ``stats`` of the tensors
         they read (``reads``: names as the block sees them)."""
-        from onnxfgq.algorithms.awq import search_scale
-        from onnxfgq.graph.awq_fold import apply_input_scale
+        from onnxfgq.calibrated import awq_for_input
 
         groups: dict[str, list[tuple]] = {}
         for key, t in targets.items():
             groups.setdefault(reads[key], []).append(key)
         for name, keys in groups.items():
-            ws = [targets[k].weight() for k in keys]
-            found = search_scale(ws, [plan.weights[k].spec for k in keys], stats[name])
-            del ws
-            if found.alpha == 0.0:
+            applied = awq_for_input(self.graph, self.targets, [targets[k] for k in keys],
+                                    [plan.weights[k].spec for k in keys], stats[name])
+            if applied is None:
                 continue
-            value = targets[keys[0]].node.inputs[0]
-            note = apply_input_scale(self.graph, value, self._consumers(value), found.scale)
+            found, note = applied
             stats[name].rescale(found.scale)
             for k in keys:  # the report's per-layer detail says it, as the whole-model planner's does
                 plan.weights[k].awq_scale = found.scale
@@ -610,7 +604,8 @@ class AWQEdits:
             groups.setdefault(reads[key], []).append(key)
         for keys in groups.values():  # once per tensor: the edit renames what its readers read
             value = targets[keys[0]].node.inputs[0]
-            apply_input_scale(self.graph, value, self._consumers(value), scales[keys[0]][0])
+            apply_input_scale(self.graph, value, [t.node for t in self.targets if t.node.inputs[0] is value],
+                              scales[keys[0]][0])
 
 
 class Layouts:

@@ -18,7 +18,7 @@ from onnxfgq.algorithms.gptq import GPTQ
 from onnxfgq.algorithms.stats import ActivationStats
 from onnxfgq.api import quantize, quantize_file
 from onnxfgq.config import Algorithm, Granularity, QuantizeConfig, WeightConfig
-from tests.helpers import run
+from tests.helpers import run, write_npz_batches
 
 SIZES = (64, 96, 80, 48)  # x -> W1 -> relu -> W2 -> relu -> W3
 
@@ -74,10 +74,7 @@ def test_each_block_is_calibrated_on_the_float_or_quantized_blocks_before_it(tmp
     model, ws = _deep_mlp()
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((16, SIZES[0])).astype(np.float32) for _ in range(4)]
-    data = tmp_path / "calib"
-    data.mkdir()
-    for i, x in enumerate(batches):
-        np.savez(data / f"{i}.npz", x=x)
+    data = write_npz_batches(tmp_path / "calib", batches)
     wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration=str(data), calibration_samples=64,
                       calibration_batch_size=16, engine="blocks", gptq_sequential=sequential)
     res = quantize(model, QuantizeConfig(weights=wc))
@@ -96,10 +93,8 @@ def test_blocks_engine_equals_the_whole_model_path_without_sequential(tmp_path):
     """Without --sequential the block engine's statistics are the whole-model path's: same output."""
     model, _ = _deep_mlp(3)
     rng = np.random.default_rng(4)
-    data = tmp_path / "calib"
-    data.mkdir()
-    for i in range(4):
-        np.savez(data / f"{i}.npz", x=rng.standard_normal((16, SIZES[0])).astype(np.float32))
+    data = write_npz_batches(tmp_path / "calib", [rng.standard_normal((16, SIZES[0])).astype(np.float32)
+                                                  for _ in range(4)])
     feed = {"x": rng.standard_normal((8, SIZES[0])).astype(np.float32)}
     outs = {}
     for engine in ("whole", "blocks"):
@@ -237,11 +232,9 @@ def test_engine_auto_goes_block_by_block_above_the_threshold(tmp_path, monkeypat
     import onnxfgq.config as config_module
 
     model, _ = _deep_mlp(5)
-    data = tmp_path / "calib"
-    data.mkdir()
     rng = np.random.default_rng(6)
-    for i in range(2):
-        np.savez(data / f"{i}.npz", x=rng.standard_normal((16, SIZES[0])).astype(np.float32))
+    data = write_npz_batches(tmp_path / "calib", [rng.standard_normal((16, SIZES[0])).astype(np.float32)
+                                                  for _ in range(2)])
     wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration=str(data), calibration_samples=32,
                       calibration_batch_size=16)
     assert wc.engine == "auto"

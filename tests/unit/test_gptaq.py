@@ -11,7 +11,7 @@ from onnxfgq.algorithms.gptaq import GPTAQ, PairedStats
 from onnxfgq.algorithms.gptq import GPTQ
 from onnxfgq.api import quantize
 from onnxfgq.config import Algorithm, ConfigError, QuantizeConfig, WeightConfig
-from tests.helpers import run
+from tests.helpers import run, write_npz_batches
 from tests.unit.test_engine import SIZES, _deep_mlp, _forward
 from tests.unit.test_resume import _config as _resume_config
 from tests.unit.test_resume import llama  # noqa: F401  (the fixture)
@@ -128,10 +128,7 @@ def test_blocks_engine_pairs_the_quantized_and_float_paths(tmp_path):
     model, ws = _deep_mlp()
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((64, SIZES[0])).astype(np.float32) for _ in range(4)]  # rows > inputs
-    data = tmp_path / "calib"
-    data.mkdir()
-    for i, x in enumerate(batches):
-        np.savez(data / f"{i}.npz", x=x)
+    data = write_npz_batches(tmp_path / "calib", batches)
     wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration=str(data), calibration_samples=256,
                       calibration_batch_size=64, engine="blocks", gptaq=True, gptaq_alpha=1.0)
     res = quantize(model, QuantizeConfig(weights=wc))
@@ -246,10 +243,7 @@ def test_gptaq_solves_a_block_in_stages_the_later_weights_seeing_the_earlier_qua
     model, ws = _residual_mlp()
     rng = np.random.default_rng(2)
     batches = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(4)]
-    data = tmp_path / "calib"
-    data.mkdir()
-    for i, x in enumerate(batches):
-        np.savez(data / f"{i}.npz", x=x)
+    data = write_npz_batches(tmp_path / "calib", batches)
     wc = WeightConfig(algorithm=Algorithm.GPTQ, block_size=32, calibration=str(data), calibration_samples=256,
                       calibration_batch_size=64, engine="blocks", gptaq=True, gptaq_alpha=1.0)
     res = quantize(model, QuantizeConfig(weights=wc))
