@@ -416,6 +416,7 @@ def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options:
     codes, not RTN's): GPTQ shrinks the error of some layouts far more than others, so RTN's errors
     misprice the budget the allocation spends."""
     from onnxfgq.calibration.sources import iterate
+    from onnxfgq.graph.roles import logits_output
     from onnxfgq.sensitivity import probe_errors
 
     reader = open_calibration_source(model, wc, feeds, num_samples=PROBE_SAMPLES, batch_size=PROBE_SAMPLES)
@@ -427,12 +428,14 @@ def _measured(model: ir.Model, wc: WeightConfig, targets: list[Target], options:
         w = t.weight()
         weights.append(w * awq_scale[key][:, None] if key in awq_scale else w)
     cands = [[_candidate(wc, st, c.spec) for c in o] for o, st in zip(options, stats)]
-    errors = probe_errors(model, targets, weights, cands, feed)
+    logits = logits_output(model.graph)
+    errors = probe_errors(model, targets, weights, cands, feed, logits=logits)
     if errors is None:
         plan.notes.append("sensitivity: weights are shared or computed; using per-layer output errors")
         return options
     probed = int(np.shape(next(iter(feed.values())))[0]) if feed and np.ndim(next(iter(feed.values()))) else 1
-    plan.notes.append(f"sensitivity measured end to end on {probed} calibration samples "
+    measure = f"KL divergence of {logits!r}" if logits else "relative output error"
+    plan.notes.append(f"sensitivity measured end to end ({measure}) on {probed} calibration samples "
                       f"({sum(len(o) for o in options)} probes)")
     return [[Choice(c.spec, e, c.storage_bits) for c, e in zip(o, errs)] for o, errs in zip(options, errors)]
 

@@ -130,6 +130,14 @@ def find_roles(graph: ir.Graph) -> Roles:
     return Roles(embedding, lm_head)
 
 
+def logits_output(graph: ir.Graph) -> str | None:
+    """The name of the graph output a causal LM's lm_head produces (None without an lm_head)."""
+    head = find_roles(graph).lm_head
+    if head is None:
+        return None
+    return next((out.name for out in graph.outputs if _projection_before(out) is head), None)
+
+
 @dataclass
 class RolePolicy:
     """What ``--lm-head`` decided: bit widths that differ from the configured one, and report notes."""
