@@ -35,6 +35,7 @@ ONNXFGQ = {
     "gptq": ["--algo", "gptq"],
     "awq+gptq+clip": ["--algo", "awq+gptq+clip"],
     "gptq --target cpu": ["--algo", "gptq", "--target", "cpu"],
+    "gptq --symmetric --target cpu": ["--algo", "gptq", "--symmetric", "--target", "cpu"],  # README's LLM setting
     "awq+gptq+clip --target cpu": ["--algo", "awq+gptq+clip", "--target", "cpu"],
 }
 

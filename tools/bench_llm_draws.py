@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--baseline", action="append", default=[], metavar="LABEL=FOLDER")
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--samples", type=int, default=1024, help="calibration samples per draw")
-    ap.add_argument("--gap-from", default="rtn", help="label whose gap to FP32 the shares refer to")
+    ap.add_argument("--gap-from", action="append", default=[], metavar="LABEL",
+                    help="a label whose (median) gap to FP32 a 'gap closed' column refers to (default: rtn)")
     ap.add_argument("--keep", action="store_true", help="keep the quantized folders")
     args = ap.parse_args()
 
@@ -130,21 +131,28 @@ def main() -> None:
             if not args.keep:
                 subprocess.run(["rm", "-rf", str(dst)], check=True)
 
+    summary(done, args.gap_from or ["rtn"], len(windows))
+
+
+def summary(done: dict, gap_from: list[str], n_windows: int) -> None:
+    """Markdown: per configuration the median, range and top-1 over draws, and the share of each
+    reference's median gap to FP32 that the median closes."""
     fp32 = next(iter(done.values()))["fp32"] if done else float("nan")
-    base = [r["perplexity"] for (lab, _), r in done.items() if lab == args.gap_from]
-    gap = (statistics.median(base) - fp32) if base else float("nan")
-    print(f"\n{len(windows)} windows of 128 held-out tokens; FP32 perplexity {fp32:.4f}; "
-          f"gap = median {args.gap_from} - FP32 = {gap:.4f}\n")
-    print("| configuration | draws | bytes | perplexity median | min - max | top-1 median | gap closed (median) |")
-    print("|---|---|---|---|---|---|---|")
-    labels = dict.fromkeys(lab for lab, _ in done)
-    for label in labels:
+    medians = {}
+    for label in dict.fromkeys(lab for lab, _ in done):
+        medians[label] = statistics.median(r["perplexity"] for (lab, _), r in done.items() if lab == label)
+    gaps = {g: medians[g] - fp32 for g in gap_from if g in medians}
+    print(f"\n{n_windows} windows of 128 held-out tokens; FP32 perplexity {fp32:.4f}; "
+          + "; ".join(f"{g} gap {gap:.4f}" for g, gap in gaps.items()) + "\n")
+    print("| configuration | draws | bytes | perplexity median | min - max | top-1 median | "
+          + " | ".join(f"{g} gap closed" for g in gaps) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(gaps))
+    for label, med in medians.items():
         rows = [r for (lab, _), r in sorted(done.items()) if lab == label]
         ppl = [r["perplexity"] for r in rows]
-        med = statistics.median(ppl)
+        shares = " | ".join(f"{(medians[g] - med) / gap:.0%}" for g, gap in gaps.items())
         print(f"| {label} | {len(rows)} | {rows[0]['bytes']:,} | {med:.4f} | {min(ppl):.4f} - {max(ppl):.4f} | "
-              f"{statistics.median(r['top1'] for r in rows):.3f} | {(base and (statistics.median(base) - med) / gap):.0%} |")
-
+              f"{statistics.median(r['top1'] for r in rows):.3f} | {shares} |")
 
 if __name__ == "__main__":
     main()
