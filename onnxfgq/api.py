@@ -43,6 +43,10 @@ QDQ_OPSET = 21  # blocked DequantizeLinear and int4 types
 CPU_SPEED_HINT = ("speed: for onnxruntime on CPU, --target cpu (MatMulNBits accuracy_level 4: int8 activations "
                   "inside the kernel) decoded LLMs about 2x faster than accuracy_level 0 here, at a small accuracy "
                   "cost (docs/BENCHMARKS.md)")
+# Measured on the trained test LLM over five calibration draws: docs/BENCHMARKS.md, "Stop 19".
+DECODER_SYMMETRIC_HINT = ("decoder: --symmetric writes onnxruntime-genai's own int4 layout (no zero points, "
+                          "about 1% smaller, same speed) and was the more accurate choice on the test LLM "
+                          "(GPTQ perplexity gap to FP32 0.12 against 0.17 asymmetric; docs/BENCHMARKS.md)")
 
 
 def _no_progress(items: Iterable, total: int, label: str) -> Iterable:
@@ -158,6 +162,8 @@ def _quantize_model(ir_model: ir.Model, config: QuantizeConfig, progress: Progre
     targets = list(find_targets(ir_model, config.selection))
     roles = apply_lm_head(ir_model.graph, targets, config.selection, wc)  # --lm-head: float or 8 bits
     report.notes.extend(roles.notes)
+    if roles.lm_head is not None and fmt is OutputFormat.MATMULNBITS and not wc.symmetric and wc.bits == 4:
+        report.notes.append(DECODER_SYMMETRIC_HINT)
     emitter = make_emitter(ir_model, wc, spool)
     for t in targets:
         if t.skip_reason is None:

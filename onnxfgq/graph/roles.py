@@ -144,6 +144,7 @@ class RolePolicy:
 
     bits: dict[int, int] = field(default_factory=dict)  # id(node) -> bits
     notes: list[str] = field(default_factory=list)
+    lm_head: str | None = None  # the output projection's name, where the graph has one (a causal LM)
 
     def bits_for(self, t: Target, default: int) -> int:
         return self.bits.get(id(t.node), default)
@@ -168,6 +169,7 @@ def apply_lm_head(graph: ir.Graph, targets: list[Target], selection: Selection,
     head = by_node.get(id(roles.lm_head))
     tied = by_node.get(id(roles.embedding)) if roles.tied and roles.embedding is not None else None
     name = head.name if head is not None else roles.lm_head.name
+    policy.lm_head = name
     policy.notes.append(f"lm_head (output projection, found by role): {name}"
                         + (f", tied to the embedding {tied.name}" if tied is not None else ""))
     mode = resolve_lm_head(selection.lm_head, weights or WeightConfig())

@@ -126,3 +126,17 @@ def test_lm_head_auto_default(legacy_export, flags, head_bits):
     head = next(n for n in _nodes(res.model, "MatMulNBits") if n.name.startswith(name))
     assert head.attributes.get_int("bits") == head_bits
     assert any(name in note for note in res.report.notes)
+
+
+@pytest.mark.parametrize("flags, hinted", [((), True), (("--symmetric",), False), (("--bits", "8"), False)])
+def test_decoder_symmetric_hint(legacy_export, flags, hinted):
+    """An asymmetric int4 decoder's report points at --symmetric (the builder's layout, measured more
+    accurate on the test LLM); symmetric or 8-bit runs, and models without an lm_head, get no hint."""
+    from onnxfgq.api import DECODER_SYMMETRIC_HINT
+    from onnxfgq.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["quantize", "m.onnx", *flags]))
+    res = quantize(legacy_export, config)
+    assert (DECODER_SYMMETRIC_HINT in res.report.notes) is hinted
+    mlp_res = quantize(mlp(), config)
+    assert DECODER_SYMMETRIC_HINT not in mlp_res.report.notes
