@@ -274,8 +274,7 @@ def _solver(wc: WeightConfig, stats: ActivationStats | None):
         return GPTAQ(stats, alpha=wc.gptaq_alpha, damp=wc.gptq_damp, act_order=wc.gptq_act_order,
                      clip="clip" in parts)
     if "gptq" in parts:
-        return GPTQ(stats, damp=wc.gptq_damp, act_order=wc.gptq_act_order, clip="clip" in parts,
-                    refine=wc.gptq_refine)
+        return GPTQ(stats, damp=wc.gptq_damp, act_order=wc.gptq_act_order, clip="clip" in parts)
     if "clip" in parts:
         return ClipSearch(stats)
     return RTN()

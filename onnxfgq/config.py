@@ -92,7 +92,6 @@ class WeightConfig:
     calibration_samples: int = 128
     calibration_batch_size: int = 16
     gptq_damp: float = 0.01  # fraction of mean(diag H) added to the Hessian's diagonal
-    gptq_refine: int = 0  # rounds of coordinate descent on GPTQ's codes + scale refit after the solve
     gptq_act_order: bool = True  # salient rows first, static groups (plain per-group output)
     gptq_sequential: bool = False  # re-collect later inputs from the partly quantized model (slower)
     gptaq: bool = False  # --engine blocks: aim GPTQ at the float model's output (asymmetric calibration)
@@ -137,8 +136,6 @@ class WeightConfig:
             raise ConfigError("--max-error", f"adaptive granularity needs a budget > 0, got {self.max_error}")
         if self.target_bits and not 1.0 < self.target_bits <= 16.0:
             raise ConfigError("--target-bits", f"must be in (1, 16], got {self.target_bits}")
-        if not 0 <= self.gptq_refine <= 100:
-            raise ConfigError("--gptq-refine", f"must be between 0 and 100 rounds, got {self.gptq_refine}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise ConfigError("--gptq-damp", f"must be in (0, 1), got {self.gptq_damp}")
         if self.gptaq_alpha is not None and not 0.0 <= self.gptaq_alpha <= 1.0:

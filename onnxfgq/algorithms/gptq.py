@@ -247,65 +247,13 @@ def refit_scales(w: np.ndarray, h: np.ndarray, codes: np.ndarray, qp: QParams) -
     return QParams(np.ascontiguousarray(s.T).astype(np.float32), qp.zero_point, qp.block_shape, qp.qr)
 
 
-def refine_codes(w: np.ndarray, h: np.ndarray, codes: np.ndarray, qp: QParams, *, damp: float,
-                 passes: int = 1, block_rows: int = 128) -> tuple[np.ndarray, int]:
-    """Coordinate descent on GPTQ's objective for fixed scales and zero points (as in QuantEase,
-    Behdin et al., 2023): each input row in turn is set to the grid point nearest its optimum given
-    every other row, ``w_r + (H D)_r / H_rr`` with ``D = W - W_hat``, on the damped normalised ``H``
-    that GPTQ solved with. Every step lowers ``tr(D^T H D)`` or leaves it, so GPTQ's greedy result
-    is a starting point this can only improve on the calibration data. Rows are swept in lazy blocks
-    (eager updates inside ``block_rows`` rows, one matrix product for the rest): ``2 K^2 N`` flops a
-    pass, about one GPTQ solve. Returns the codes and how many changed."""
-    k, n = w.shape
-    scale, zero = _row_params(qp, (k, n))
-    qmax = float(qp.qr.qmax)
-    hd = np.array(h, dtype=np.float32)
-    diag = np.diag(hd).copy()
-    live = diag > 0
-    hd[np.diag_indices(k)] += damp * float(np.mean(diag[live])) if live.any() else damp
-    diag = np.diag(hd).copy()
-    q = codes.astype(np.float32)
-    wq = (q - zero) * scale
-    g = hd @ (np.asarray(w, np.float32) - wq)  # [K, N]: half the objective's gradient in W_hat, negated
-    changed = 0
-    for _ in range(passes):
-        moved = 0
-        for i1 in range(0, k, block_rows):
-            i2 = min(i1 + block_rows, k)
-            hb = hd[i1:i2, i1:i2]
-            gb = g[i1:i2]  # a view: updated in place inside the block
-            delta = np.zeros((i2 - i1, n), np.float32)
-            for i in range(i2 - i1):
-                r = i1 + i
-                target = wq[r] + gb[i] / diag[r]
-                qn = np.clip(np.round(target / scale[r]) + zero[r], 0.0, qmax)
-                step = qn != q[r]
-                if not step.any():
-                    continue
-                d = np.where(step, (qn - zero[r]) * scale[r] - wq[r], 0.0).astype(np.float32)
-                gb -= np.outer(hb[:, i], d)
-                wq[r] += d
-                q[r] = qn
-                delta[i] = d
-                moved += int(step.sum())
-            if i1 > 0:
-                g[:i1] -= hd[:i1, i1:i2] @ delta
-            if i2 < k:
-                g[i2:] -= hd[i2:, i1:i2] @ delta
-        changed += moved
-        if not moved:
-            break
-    return q.astype(codes.dtype), changed
-
-
 class GPTQ:
     needs_activations = True
 
     def __init__(self, stats: ActivationStats | None = None, *, damp: float = 0.01, act_order: bool = True,
-                 clip: bool = False, refit: bool = True, refine: int = 0):
+                 clip: bool = False, refit: bool = True):
         self.stats = stats if stats is not None else ActivationStats()
         self.damp, self.act_order, self.clip, self.refit = damp, act_order, clip, refit
-        self.refine = refine
 
     def observe(self, x: np.ndarray) -> None:
         self.stats.update(x)
@@ -336,7 +284,7 @@ class GPTQ:
     def _uses_h(self, note: str) -> bool:
         """Whether the solve reads H itself (the clipping search, the scale refit), besides its factor:
         only then is its float32 copy made (0.48 GB at K = 11008)."""
-        return self.clip or (bool(self.refit or self.refine) and not note)
+        return self.clip or (self.refit and not note)
 
     def _prepared(self, damp: float):
         st = self.stats
@@ -367,15 +315,9 @@ class GPTQ:
         # overflow whatever the activations' magnitude.
         h = st.normalized32() if self._uses_h(note) else None
         q = gptq(w, h, spec, damp=damp, act_order=self.act_order, clip=self.clip, prepared=prepared)
-        if note or not (self.refit or self.refine):  # least-squares fits on a rank-deficient H overfit
-            return QuantizedWeight(q.codes, q.qparams, note)  # (refit: SQNR 22 -> 6 dB)
-        codes, qp = q.codes, q.qparams
-        for _ in range(max(self.refine, 1)):  # refined codes and refitted scales, alternately
-            if self.refine:
-                codes, _moved = refine_codes(w, h, codes, qp, damp=damp)
-            if self.refit:
-                qp = refit_scales(w, h, codes, qp)
-        return QuantizedWeight(codes, qp, note)
+        if not self.refit or note:  # least-squares scales on a rank-deficient H overfit (SQNR 22 -> 6 dB)
+            return QuantizedWeight(q.codes, q.qparams, note)
+        return QuantizedWeight(q.codes, refit_scales(w, h, q.codes, q.qparams), note)
 
 
 def _rtn(w: np.ndarray, spec: QuantSpec, note: str) -> QuantizedWeight:

@@ -124,10 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: choose 4 or 8 bits per layer (and the block, if adaptive) for at "
                         "most this average of stored bits per weight, scales and zero points included")
     c.add_argument("--gptq-damp", type=float, default=_W.gptq_damp, help="GPTQ dampening (fraction of mean diag H)")
-    c.add_argument("--gptq-refine", type=int, default=_W.gptq_refine, metavar="ROUNDS",
-                   help="GPTQ: after the solve, this many rounds of coordinate descent on the codes (each row "
-                        "re-rounded given all others) alternating with the least-squares scale refit (default "
-                        f"{_W.gptq_refine})")
     c.add_argument("--no-act-order", dest="act_order", action="store_false", default=_W.gptq_act_order,
                    help="GPTQ: process rows in their order instead of by decreasing salience")
     c.add_argument("--sequential", dest="sequential", action="store_true", default=_W.gptq_sequential,
@@ -230,7 +226,7 @@ def _calibrated_args(args: argparse.Namespace) -> dict:
     if getattr(args, "calibration", None):
         out["calibration"] = args.calibration
     for name, field_ in (("calib_samples", "calibration_samples"), ("calib_batch_size", "calibration_batch_size"),
-                         ("gptq_damp", "gptq_damp"), ("gptq_refine", "gptq_refine"), ("act_order", "gptq_act_order"), ("sequential", "gptq_sequential"),
+                         ("gptq_damp", "gptq_damp"), ("act_order", "gptq_act_order"), ("sequential", "gptq_sequential"),
                          ("gptaq", "gptaq"), ("gptaq_alpha", "gptaq_alpha"), ("target_bits", "target_bits"),
                          ("engine", "engine"), ("executor", "executor")):
         if getattr(args, name, None) is not None:
