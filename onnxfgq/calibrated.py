@@ -32,7 +32,7 @@ from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
 from onnxfgq.algorithms.clip import ClipSearch
 from onnxfgq.algorithms.gptaq import GPTAQ, PairedStats
 from onnxfgq.algorithms.gptq import GPTQ
-from onnxfgq.algorithms.mixed import allocate
+from onnxfgq.algorithms.mixed import allocate, compare_uniform
 from onnxfgq.algorithms.rtn import RTN
 from onnxfgq.algorithms.stats import ActivationStats, output_error, weight_error
 from onnxfgq.calibration.feeds import FeedOptions
@@ -366,6 +366,12 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         avg = sum(c.storage_bits for c in picks) / sum(sizes)
         what = "block sizes" if wc.granularity is Granularity.ADAPTIVE else "bit widths"
         plan.notes.append(f"{what} chosen under --target-bits {wc.target_bits}: {avg:.3f} bits per weight planned")
+        vs = compare_uniform(options, picks, sizes, [by_key[k].shape_kn[0] for k in keys], wc.target_bits)
+        if vs is not None:
+            label, bits, uniform, mine = vs
+            change = f"{(mine / uniform - 1) * 100:+.1f}%" if uniform > 0 else "n/a"
+            plan.notes.append(f"predicted (summed per-layer errors, what the allocation minimises): {mine:.4g} "
+                              f"against {uniform:.4g} for {label} everywhere ({bits:.3f} bits), {change}")
     elif wc.granularity is Granularity.ADAPTIVE:
         picks = [choose_under_budget(o, wc.max_error) for o in options]
     else:

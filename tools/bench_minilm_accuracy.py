@@ -40,6 +40,11 @@ ROWS: dict[str, list[str]] = {
     "all-g64": ["--algo", ALL, "--block-size", "64"],
     "all-adaptive-4.288": ["--algo", ALL, "--granularity", "adaptive", "--target-bits", "4.288"],
     "all-adaptive-4.6": ["--algo", ALL, "--granularity", "adaptive", "--target-bits", "4.6"],
+    # adaptive against the fixed block of the same stored bits, plain GPTQ (issue 13)
+    "gptq-g64": ["--algo", "gptq", "--block-size", "64"],
+    "gptq-adaptive-4.288": ["--algo", "gptq", "--granularity", "adaptive", "--target-bits", "4.288"],
+    "gptq-adaptive-4.5625": ["--algo", "gptq", "--granularity", "adaptive", "--target-bits", "4.5625"],
+    "gptq-adaptive-5.125": ["--algo", "gptq", "--granularity", "adaptive", "--target-bits", "5.125"],
     # block by block, plain GPTQ and asymmetric calibration (GPTAQ, --gptaq; AWQ needs --engine whole)
     "blocks-g128": ["--algo", "gptq+clip", "--engine", "blocks"],
     "gptaq-g128": ["--algo", "gptq+clip", "--engine", "blocks", "--gptaq"],

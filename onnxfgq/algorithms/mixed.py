@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
+import numpy as np
+
 from onnxfgq.algorithms.adaptive import Choice
 from onnxfgq.config import ConfigError
 
@@ -72,3 +76,37 @@ def _spend_rest(options: Sequence[Sequence[Choice]], picks: list[Choice], budget
         _, i, c, extra = best
         picks[i] = c
         used += extra
+
+
+
+def compare_uniform(options: Sequence[Sequence[Choice]], picks: Sequence[Choice], sizes: Sequence[int],
+                    ks: Sequence[int], target_bits: float) -> tuple[str, float, float, float] | None:
+    """The allocation ``picks`` against the best *uniform* plan under the same budget, both priced by
+    the options' summed errors: one bit width and one ``--block-size B`` for every layer (a layer of
+    ``K <= B`` inputs then has one block per channel, as a fixed run would give it; per-channel is
+    ``B`` = infinity), among those every layer offers. Returns (``4-bit g64``-style label, its bits per
+    weight, its summed error, the picks' summed error), or None when no uniform plan fits or an error
+    is not finite. The sum is what the allocation minimises, so the difference is the allocation's own
+    prediction of what choosing per layer gains."""
+    total = max(sum(sizes), 1)
+    blocks = {c.block for o, k in zip(options, ks) for c in o if c.block < k} | {math.inf}
+    widths = {c.spec.bits for o in options for c in o}
+    best = None
+    for bits in widths:
+        for b in blocks:
+            chosen = []
+            for o, k in zip(options, ks):
+                match = [c for c in o if c.spec.bits == bits and (c.block >= k if b >= k else c.block == b)]
+                if not match:
+                    break
+                chosen.append(min(match, key=lambda c: c.storage_bits))
+            else:
+                stored = sum(c.storage_bits for c in chosen)
+                err = sum(c.error for c in chosen)
+                label = f"{bits}-bit " + ("per-channel" if b == math.inf else f"g{b}")
+                if stored <= target_bits * total and np.isfinite(err) and (best is None or err < best[2]):
+                    best = (label, stored / total, err)
+    mine = sum(c.error for c in picks)
+    if best is None or not np.isfinite(mine):
+        return None
+    return best[0], best[1], best[2], mine

@@ -47,5 +47,26 @@ def test_mixed_end_to_end_report(target):
     assert set(bits.values()) <= {4, 8}
     if target == 6.0:
         assert 8 in bits.values()
+    predicted = [n for n in res.report.notes if n.startswith("predicted (summed per-layer errors")]
+    assert len(predicted) == 1 and "for 4-bit g128 everywhere (4.281 bits)" in predicted[0], res.report.notes
     x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
     assert np.all(np.isfinite(run(ir.to_proto(res.model), {"x": x})[0]))
+
+
+def test_compare_uniform_prices_the_best_single_layout_within_the_budget():
+    """The report's comparison: the allocation's summed error against the best layout used everywhere
+    that fits the same budget (layouts some layer lacks, or over budget, are not candidates)."""
+    from onnxfgq.algorithms.mixed import compare_uniform
+
+    sizes = [4096] * 3
+    options = [layer(4096, 0.01, 1e-4), layer(4096, 0.2, 1e-3), layer(4096, 0.012, 1e-4)]
+    picks = allocate(options, sizes, target_bits=5.6)  # upgrades the sensitive layer only
+    label, bits, uniform, mine = compare_uniform(options, picks, sizes, [1024] * 3, 5.6)
+    assert label == "4-bit g128"  # all-8-bit does not fit 5.6
+    assert bits == pytest.approx(4.25) and uniform == pytest.approx(0.222)
+    assert mine == pytest.approx(0.01 + 1e-3 + 0.012)
+    # layers with K <= 128 have one block per channel at --block-size 128: still the same uniform plan
+    assert compare_uniform(options, picks, sizes, [1024, 128, 64], 5.6)[0] == "4-bit g128"
+    assert compare_uniform(options, picks, sizes, [1024] * 3, 4.0) is None  # nothing uniform fits
+    nan = [[Choice(c.spec, float("nan"), c.storage_bits) for c in o] for o in options]
+    assert compare_uniform(nan, picks, sizes, [1024] * 3, 5.6) is None
