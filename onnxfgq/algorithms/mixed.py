@@ -10,11 +10,8 @@ greedily on the upgrades that buy the most error per bit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
-
-import numpy as np
+from collections.abc import Sequence
 
 from onnxfgq.algorithms.adaptive import Choice
 from onnxfgq.config import ConfigError
@@ -78,7 +75,6 @@ def _spend_rest(options: Sequence[Sequence[Choice]], picks: list[Choice], budget
         used += extra
 
 
-
 def compare_uniform(options: Sequence[Sequence[Choice]], picks: Sequence[Choice], sizes: Sequence[int],
                     ks: Sequence[int], target_bits: float) -> tuple[str, float, float, float] | None:
     """The allocation ``picks`` against the best *uniform* plan under the same budget, both priced by
@@ -88,7 +84,6 @@ def compare_uniform(options: Sequence[Sequence[Choice]], picks: Sequence[Choice]
     weight, its summed error, the picks' summed error), or None when no uniform plan fits or an error
     is not finite. The sum is what the allocation minimises, so the difference is the allocation's own
     prediction of what choosing per layer gains."""
-    total = max(sum(sizes), 1)
     blocks = {c.block for o, k in zip(options, ks) for c in o if c.block < k} | {math.inf}
     widths = {c.spec.bits for o in options for c in o}
     best = None
@@ -101,12 +96,12 @@ def compare_uniform(options: Sequence[Sequence[Choice]], picks: Sequence[Choice]
                     break
                 chosen.append(min(match, key=lambda c: c.storage_bits))
             else:
-                stored = sum(c.storage_bits for c in chosen)
                 err = sum(c.error for c in chosen)
                 label = f"{bits}-bit " + ("per-channel" if b == math.inf else f"g{b}")
-                if stored <= target_bits * total and np.isfinite(err) and (best is None or err < best[2]):
-                    best = (label, stored / total, err)
+                avg = average_bits(chosen, sizes)
+                if avg <= target_bits and math.isfinite(err) and (best is None or err < best[2]):
+                    best = (label, avg, err)
     mine = sum(c.error for c in picks)
-    if best is None or not np.isfinite(mine):
+    if best is None or not math.isfinite(mine):
         return None
     return best[0], best[1], best[2], mine
