@@ -370,8 +370,8 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
         if vs is not None:
             label, bits, uniform, mine = vs
             change = f"{(mine / uniform - 1) * 100:+.1f}%" if uniform > 0 else "n/a"
-            plan.notes.append(f"predicted (summed per-layer errors, what the allocation minimises): {mine:.4g} "
-                              f"against {uniform:.4g} for {label} everywhere ({bits:.3f} bits), {change}")
+            plan.notes.append(f"predicted (summed per-layer errors, what the allocation minimises): "
+                              f"{mine:.4g} against {uniform:.4g} for {label} everywhere ({bits:.3f} bits), {change}")
     elif wc.granularity is Granularity.ADAPTIVE:
         picks = [choose_under_budget(o, wc.max_error) for o in options]
     else:
