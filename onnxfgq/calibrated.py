@@ -32,7 +32,7 @@ from onnxfgq.algorithms.base import QuantizedWeight, QuantSpec
 from onnxfgq.algorithms.clip import ClipSearch
 from onnxfgq.algorithms.gptaq import GPTAQ, PairedStats
 from onnxfgq.algorithms.gptq import GPTQ
-from onnxfgq.algorithms.mixed import allocate, compare_uniform
+from onnxfgq.algorithms.mixed import allocate, check_budget, compare_uniform
 from onnxfgq.algorithms.rtn import RTN
 from onnxfgq.algorithms.stats import ActivationStats, output_error, weight_error
 from onnxfgq.calibration.feeds import FeedOptions
@@ -246,26 +246,50 @@ def _candidate_bits(wc: WeightConfig, fmt: OutputFormat) -> tuple[int, ...]:
     return tuple(sorted({wc.bits, *MIXED_BITS}))
 
 
+def _specs(k: int, n: int, wc: WeightConfig, fmt: OutputFormat) -> list[QuantSpec]:
+    """The layouts (and bit widths) a ``[K, N]`` weight may take: the configured one, or with
+    --target-bits / adaptive every candidate."""
+    blocks = BLOCK_CANDIDATES if wc.granularity is Granularity.ADAPTIVE else None
+    out = []
+    for bits in _candidate_bits(wc, fmt):
+        if blocks is None:
+            out.append(QuantSpec(bits, wc.block_shape((k, n), 0, 1), wc.symmetric))
+        else:
+            out += candidate_specs(k, bits, wc.symmetric, power_of_two=fmt is OutputFormat.MATMULNBITS,
+                                   blocks=blocks)
+    return out
+
+
 def _choices(w: np.ndarray, wc: WeightConfig, fmt: OutputFormat, stats: ActivationStats | None,
              scale_bits: int) -> list[Choice]:
     k, n = w.shape
     pow2 = fmt is OutputFormat.MATMULNBITS
     h = stats.hessian() if stats is not None and stats.rows else None
-    blocks = BLOCK_CANDIDATES if wc.granularity is Granularity.ADAPTIVE else None
+    measure = wc.granularity is Granularity.ADAPTIVE or wc.target_bits > 0
     out = []
-    for bits in _candidate_bits(wc, fmt):
-        if blocks is None:
-            specs = [QuantSpec(bits, wc.block_shape((k, n), 0, 1), wc.symmetric)]
+    for s in _specs(k, n, wc, fmt):
+        if not measure:  # nothing to choose: skip the measurement
+            err = float("nan")
         else:
-            specs = candidate_specs(k, bits, wc.symmetric, power_of_two=pow2, blocks=blocks)
-        for s in specs:
-            if blocks is None and wc.target_bits <= 0:  # nothing to choose: skip the measurement
-                err = float("nan")
-            else:
-                wq = _fake_quant(w, s)
-                err = output_error(w, wq, h) if h is not None else weight_error(w, wq)
-            out.append(Choice(s, err, storage_bits(k, n, s, scale_bits=scale_bits, pad_to_power_of_two=pow2)))
+            wq = _fake_quant(w, s)
+            err = output_error(w, wq, h) if h is not None else weight_error(w, wq)
+        out.append(Choice(s, err, storage_bits(k, n, s, scale_bits=scale_bits, pad_to_power_of_two=pow2)))
     return out
+
+
+def scale_bits_of(targets: Sequence[Target]) -> int:
+    """Bits of one stored scale: fp16 when any of the weights is fp16, else fp32."""
+    return 16 if any(t.chain.tensor.dtype == ir.DataType.FLOAT16 for t in targets) else 32
+
+
+def _check_budget(targets: Sequence[Target], wc: WeightConfig, fmt: OutputFormat, scale_bits: int) -> None:
+    """Refuse a --target-bits below what the cheapest layouts store, from the shapes alone: before
+    calibration and probes, not after them."""
+    pow2 = fmt is OutputFormat.MATMULNBITS
+    shapes = [t.shape_kn for t in targets]
+    floor = sum(min(storage_bits(k, n, s, scale_bits=scale_bits, pad_to_power_of_two=pow2)
+                    for s in _specs(k, n, wc, fmt)) for k, n in shapes)
+    check_budget(floor, sum(k * n for k, n in shapes), wc.target_bits)
 
 
 def _solver(wc: WeightConfig, stats: ActivationStats | None):
@@ -285,6 +309,9 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
     """Statistics, AWQ graph edits and per-weight decisions for the MatMul/Gemm ``targets``;
     ``feeds`` (--dim, --tokenizer, the model's folder) reaches every calibration source; ``work``
     (engine/checkpoint.Work) makes an ``--engine blocks`` run resumable."""
+    if wc.target_bits > 0:  # an impossible budget is refused before any calibration
+        distinct = list({weight_key(t): t for t in targets if t.kind == "matmul"}.values())
+        _check_budget(distinct, wc, fmt, scale_bits_of(distinct))
     if wc.engine == "blocks" and wc.calibration:  # block by block (onnxfgq/engine), where it applies
         from onnxfgq.engine.runner import plan_blockwise
 
@@ -349,7 +376,7 @@ def plan_weights(model: ir.Model, targets: Sequence[Target], wc: WeightConfig, f
             plan.notes.append(f"awq {name}: alpha {found.alpha:.2f}, calibration output error "
                               f"{found.rtn_error:.2e} -> {found.error:.2e}; {note}")
 
-    scale_bits = 16 if any(t.chain.tensor.dtype == ir.DataType.FLOAT16 for t in mm) else 32
+    scale_bits = scale_bits_of(mm)
     keys = list(by_key)
     options = []
     for key in keys:
@@ -504,5 +531,4 @@ def storage_bits_of(t: Target, qw: QuantizedWeight, fmt: OutputFormat) -> int:
     """Stored bits of one quantized MatMul weight (codes, scales, zero points) in format ``fmt``."""
     k, n = t.shape_kn
     spec = QuantSpec(qw.bits, tuple(qw.qparams.block_shape), qw.symmetric)
-    scale_bits = 16 if t.chain.tensor.dtype == ir.DataType.FLOAT16 else 32
-    return storage_bits(k, n, spec, scale_bits=scale_bits, pad_to_power_of_two=fmt is OutputFormat.MATMULNBITS)
+    return storage_bits(k, n, spec, scale_bits=scale_bits_of([t]), pad_to_power_of_two=fmt is OutputFormat.MATMULNBITS)

@@ -26,15 +26,18 @@ def average_bits(picks: Sequence[Choice], sizes: Sequence[int]) -> float:
     return sum(c.storage_bits for c in picks) / max(sum(sizes), 1)
 
 
+def check_budget(floor_bits: int, weights: int, target_bits: float) -> None:
+    """BudgetError unless ``target_bits`` per weight covers ``floor_bits`` (the cheapest options' total)."""
+    if floor_bits > target_bits * weights:
+        raise BudgetError(f"{target_bits} is below what even the cheapest options need: "
+                          f"{floor_bits / max(weights, 1):.6f} bits per weight")
+
+
 def allocate(options: Sequence[Sequence[Choice]], sizes: Sequence[int], target_bits: float) -> list[Choice]:
     """One choice per layer (``options[i]``, a layer of ``sizes[i]`` weights) under ``target_bits``."""
     total = sum(sizes)
     budget = target_bits * total
-    cheapest = [min(o, key=lambda c: (c.storage_bits, c.error)) for o in options]
-    floor = sum(c.storage_bits for c in cheapest)
-    if floor > budget:
-        raise BudgetError(f"{target_bits} is below what even the cheapest options need: "
-                          f"{floor / total:.6f} bits per weight")
+    check_budget(sum(min(c.storage_bits for c in o) for o in options), total, target_bits)
 
     def pick(lam: float) -> list[Choice]:
         return [min(o, key=lambda c: (c.error + lam * c.storage_bits / n, c.storage_bits))

@@ -613,8 +613,10 @@ class Layouts:
     its statistics stays under ``--max-error`` (``calibrated._choices``, the whole-model rule)."""
 
     def __init__(self, fmt, wc: WeightConfig, targets: Sequence[Target]):
+        from onnxfgq.calibrated import scale_bits_of
+
         self.fmt, self.wc = fmt, wc
-        self.scale_bits = 16 if any(t.chain.tensor.dtype == ir.DataType.FLOAT16 for t in targets) else 32
+        self.scale_bits = scale_bits_of(targets)
 
     def choose(self, plan, targets: dict[tuple, Target], stats: dict[str, ActivationStats],
                reads: dict[tuple, str]) -> None:

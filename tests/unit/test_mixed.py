@@ -70,3 +70,21 @@ def test_compare_uniform_prices_the_best_single_layout_within_the_budget():
     assert compare_uniform(options, picks, sizes, [1024] * 3, 4.0) is None  # nothing uniform fits
     nan = [[Choice(c.spec, float("nan"), c.storage_bits) for c in o] for o in options]
     assert compare_uniform(nan, picks, sizes, [1024] * 3, 5.6) is None
+
+
+def test_impossible_budget_is_refused_before_calibration(monkeypatch):
+    """A --target-bits under what the cheapest layouts store is known from the shapes: refused before
+    any calibration data is read (it used to come after calibration and the sensitivity probes)."""
+    import onnxfgq.calibrated as calibrated
+    from onnxfgq.api import quantize
+    from onnxfgq.config import Granularity, QuantizeConfig, WeightConfig
+    from tests.helpers import mlp
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started before the budget was checked")
+
+    monkeypatch.setattr(calibrated, "collect_stats", no_calibration)
+    cfg = QuantizeConfig(weights=WeightConfig(target_bits=3.5, granularity=Granularity.ADAPTIVE, block_size=128,
+                                              calibration="random", calibration_samples=32))
+    with pytest.raises(BudgetError, match="3.5 is below what even the cheapest options need"):
+        quantize(mlp(k=256, hidden=128, n=64), cfg)
