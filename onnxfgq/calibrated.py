@@ -531,4 +531,5 @@ def storage_bits_of(t: Target, qw: QuantizedWeight, fmt: OutputFormat) -> int:
     """Stored bits of one quantized MatMul weight (codes, scales, zero points) in format ``fmt``."""
     k, n = t.shape_kn
     spec = QuantSpec(qw.bits, tuple(qw.qparams.block_shape), qw.symmetric)
-    return storage_bits(k, n, spec, scale_bits=scale_bits_of([t]), pad_to_power_of_two=fmt is OutputFormat.MATMULNBITS)
+    return storage_bits(k, n, spec, scale_bits=scale_bits_of([t]),
+                        pad_to_power_of_two=fmt is OutputFormat.MATMULNBITS)

@@ -84,7 +84,7 @@ def test_impossible_budget_is_refused_before_calibration(monkeypatch):
         raise AssertionError("calibration started before the budget was checked")
 
     monkeypatch.setattr(calibrated, "collect_stats", no_calibration)
-    cfg = QuantizeConfig(weights=WeightConfig(target_bits=3.5, granularity=Granularity.ADAPTIVE, block_size=128,
-                                              calibration="random", calibration_samples=32))
+    cfg = QuantizeConfig(weights=WeightConfig(target_bits=3.5, granularity=Granularity.ADAPTIVE,
+                                              block_size=128, calibration="random", calibration_samples=32))
     with pytest.raises(BudgetError, match="3.5 is below what even the cheapest options need"):
         quantize(mlp(k=256, hidden=128, n=64), cfg)
